@@ -1,0 +1,268 @@
+"""Finding, opening and describing a Gemma 3n checkpoint without loading it whole.
+
+``resolve_model`` turns a recipe's ``model`` (``builtin:tiny-trained``, a local folder or a hub
+id) into a local folder; ``Checkpoint`` reads tensors one at a time from its safetensors
+shards; ``tower_of`` sorts each tensor into a tower; ``kv_groups`` lists the KV-sharing groups.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from quantize.errors import ModelError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = {"builtin:tiny-trained": "trained", "builtin:tiny-random": "random"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+# Towers, in display order. Each tensor belongs to exactly one.
+TOWERS = (
+    "text",  # decoder linears q, k, v, o, gate, up, down
+    "token_embeddings",
+    "per_layer_embeddings",
+    "per_layer_projections",  # per-layer input gate/projection and the model-level projection
+    "altup_laurel",
+    "vision",
+    "audio",
+    "embedders",  # multimodal embedders (vision and audio soft tokens -> text width)
+    "norms",  # every 1-D tensor: norms, biases, scales. Never quantized.
+)
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+_TEXT_LINEAR_RE = re.compile(r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+def tower_of(name: str, ndim: int) -> str:
+    """The tower a checkpoint tensor belongs to (Google's and transformers' naming)."""
+    if ndim <= 1:
+        return "norms"
+    if "vision_tower" in name:
+        return "vision"
+    if "audio_tower" in name:
+        return "audio"
+    if "embed_vision" in name or "embed_audio" in name:
+        return "embedders"
+    if name.endswith("embed_tokens_per_layer.weight"):
+        return "per_layer_embeddings"
+    if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight"):
+        return "token_embeddings"
+    if _TEXT_LINEAR_RE.search(name):
+        return "text"
+    if "per_layer" in name:
+        return "per_layer_projections"
+    if "altup" in name or "laurel" in name:
+        return "altup_laurel"
+    raise ModelError(f"tensor {name!r} matches no known Gemma 3n tower")
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m and "language_model" in name else None
+
+
+def glob_match(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """A producer layer and the layers that reuse its K/V cache."""
+
+    attention_type: str  # "sliding_attention" or "full_attention"
+    producer: int
+    consumers: tuple[int, ...]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.producer, *self.consumers)
+
+    def describe(self) -> str:
+        kind = "sliding" if self.attention_type.startswith("sliding") else "full"
+        return f"{kind}: layer {self.producer} -> layers {', '.join(map(str, self.consumers))}"
+
+
+def kv_groups(text_config: dict) -> list[KVGroup]:
+    """KV-sharing groups of a Gemma 3n text config (dict as in config.json's ``text_config``).
+
+    Mirrors transformers' ``Gemma3nTextConfig.kv_sharing_modes``: layers from
+    ``num_hidden_layers - num_kv_shared_layers`` on reuse the cache of the last earlier layer of
+    the same attention type.
+    """
+    n = text_config["num_hidden_layers"]
+    shared = text_config.get("num_kv_shared_layers", 0) or 0
+    types = text_config["layer_types"]
+    first = n - shared
+    groups = []
+    for kind in dict.fromkeys(types):  # keeps first-seen order: sliding, then full
+        earlier = [i for i in range(first) if types[i] == kind]
+        consumers = tuple(i for i in range(first, n) if types[i] == kind)
+        if consumers and not earlier:
+            raise ModelError(f"layers {consumers} reuse a {kind} cache but no earlier layer produces one")
+        if consumers:
+            groups.append(KVGroup(kind, earlier[-1], consumers))
+    return groups
+
+
+def consumer_layers(text_config: dict) -> set[int]:
+    return {c for g in kv_groups(text_config) for c in g.consumers}
+
+
+def is_dead_kv(name: str, consumers: set[int]) -> bool:
+    """k/v projections and norms of KV-consumer layers: present in Google's files, never used."""
+    i = layer_index(name)
+    return i in consumers and re.search(r"self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$", name) is not None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype string: F32, BF16, F16, ...
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def bytes_per_element(self) -> int:
+        return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}.get(self.dtype, 4)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.bytes_per_element
+
+
+class Checkpoint:
+    """A model folder: config plus safetensors shards, read one tensor at a time."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise ModelError(f"{self.folder}: no config.json; a Gemma 3n model folder needs config.json and *.safetensors")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{cfg}: not valid JSON ({e})") from None
+        if "text_config" not in self.config:
+            raise ModelError(f"{cfg}: no text_config; expected a Gemma3nForConditionalGeneration config")
+        self.files = sorted(self.folder.glob("*.safetensors"))
+        if not self.files:
+            raise ModelError(f"{self.folder}: no *.safetensors files")
+
+    @property
+    def text_config(self) -> dict:
+        return self.config["text_config"]
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Tensor metadata from the safetensors headers (no tensor data is read)."""
+        out: dict[str, TensorInfo] = {}
+        for f in self.files:
+            for name, meta in _read_header(f).items():
+                if name == "__metadata__":
+                    continue
+                out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f)
+        return dict(sorted(out.items()))
+
+    def get(self, name: str):
+        """One tensor, read from its shard."""
+        from safetensors import safe_open
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelError(f"{self.folder}: tensor {name!r} not found")
+        with safe_open(str(info.file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    @cached_property
+    def kv_groups(self) -> list[KVGroup]:
+        return kv_groups(self.text_config)
+
+    @cached_property
+    def consumers(self) -> set[int]:
+        return consumer_layers(self.text_config)
+
+    def dead_kv(self) -> list[str]:
+        return [n for n in self.tensors if is_dead_kv(n, self.consumers)]
+
+
+def _read_header(path: Path) -> dict:
+    import struct
+
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ModelError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ModelError(f"{path}: safetensors header of {n} bytes is not plausible")
+        try:
+            return json.loads(fh.read(n))
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path}: corrupt safetensors header ({e})") from None
+
+
+def resolve_model(ref: str | Path, allow_pickle: bool = False, cache_dir: str | Path | None = None) -> Path:
+    """Local folder for a model reference: ``builtin:tiny-trained|tiny-random``, a folder or a hub id."""
+    ref_s = str(ref)
+    if ref_s.startswith(BUILTIN_PREFIX):
+        if ref_s not in BUILTINS:
+            raise ModelError(f"unknown builtin model {ref_s!r}; valid: {', '.join(BUILTINS)}")
+        from quantize.tiny import cached_tiny
+
+        return cached_tiny(BUILTINS[ref_s], cache_dir=cache_dir)
+    path = Path(ref_s).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path}: a model is a folder with config.json and *.safetensors, not a file")
+        _refuse_pickle(path, allow_pickle)
+        return path
+    if ref_s.startswith((".", "/", "~")) or ref_s.count("/") != 1:
+        raise ModelError(f"model {ref_s!r}: no such folder, and not a hub id of the form owner/name")
+    return _from_hub(ref_s, allow_pickle)
+
+
+def _refuse_pickle(folder: Path, allow_pickle: bool) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise ModelError(
+            f"{folder}: only pickle checkpoints ({', '.join(sorted(pickles))}); they can run code when loaded. "
+            "Convert to safetensors, or pass --allow-pickle if you trust the source"
+        )
+    if pickles:
+        _convert_pickle(folder)
+
+
+def _convert_pickle(folder: Path) -> None:
+    raise ModelError(f"{folder}: pickle checkpoints are accepted with --allow-pickle but must first be converted: "
+                     "load with transformers and save_pretrained(safe_serialization=True)")
+
+
+def _from_hub(repo: str, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+    except Exception as first:  # offline, gated, missing: fall back to the local cache, then explain
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        except Exception:
+            raise ModelError(
+                f"model {repo!r}: not a local folder and could not be fetched from the Hugging Face hub "
+                f"({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}); "
+                "when offline it must already be in the hub cache (run once online, or `huggingface-cli download`)"
+            ) from None

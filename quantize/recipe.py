@@ -1,0 +1,173 @@
+"""Recipes: a strict, versioned YAML schema.
+
+Every section is a frozen pydantic model with ``extra="forbid"``: an unknown key fails with its
+full path (``towers.vison: Extra inputs are not permitted``). Schemes are preset names or
+mappings (see ``quantize.schemes``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from calibrate.config import CalibrationConfig
+from quantize.errors import RecipeError
+from quantize.schemes import QuantScheme, resolve_scheme
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _scheme(v: Any) -> QuantScheme:
+    return resolve_scheme(v)
+
+
+class Towers(_Strict):
+    """Default scheme of each tower (see ``quantize.model.TOWERS``). Norms are never quantized."""
+
+    text: QuantScheme = Field(default_factory=lambda: resolve_scheme("int4"))
+    token_embeddings: QuantScheme = Field(default_factory=lambda: resolve_scheme("int8_row"))
+    per_layer_embeddings: QuantScheme = Field(default_factory=lambda: resolve_scheme("int8_row"))
+    per_layer_projections: QuantScheme = Field(default_factory=lambda: resolve_scheme("keep"))
+    altup_laurel: QuantScheme = Field(default_factory=lambda: resolve_scheme("keep"))
+    vision: QuantScheme = Field(default_factory=lambda: resolve_scheme("int8_channel"))
+    audio: QuantScheme = Field(default_factory=lambda: resolve_scheme("int8_channel"))
+    embedders: QuantScheme = Field(default_factory=lambda: resolve_scheme("keep"))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _resolve(cls, v):
+        return resolve_scheme(v)
+
+
+class Override(_Strict):
+    """Give tensors matching any of ``match`` (globs on checkpoint names) their own scheme."""
+
+    match: list[str] = Field(min_length=1)
+    scheme: QuantScheme
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _resolve(cls, v):
+        return resolve_scheme(v)
+
+
+class KVCache(_Strict):
+    """Optional fp8 KV cache: one k scale and one v scale per KV-sharing group."""
+
+    fp8: bool = False
+
+
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+GGUF_MIXES = ("Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F16", "F32", "auto")
+
+
+class GGUFExport(_Strict):
+    enabled: bool = True
+    # ``auto`` derives each tensor's GGUF type from its scheme (int4 g32 sym -> Q4_0, ...);
+    # a mix name forces llama.cpp's familiar per-tensor type choices.
+    mix: str = "auto"
+    token_embeddings: str | None = None  # GGUF type for token_embd (default: from the mix)
+    per_layer_embeddings: str | None = None  # GGUF type for per_layer_token_embd
+    mmproj: bool = True
+    force: bool = False  # write even where llama.cpp's hard-coded Gemma 3n layout differs
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, v):
+        if v not in GGUF_MIXES:
+            raise ValueError(f"unknown GGUF mix {v!r}; valid: {', '.join(GGUF_MIXES)}")
+        return v
+
+    @field_validator("token_embeddings", "per_layer_embeddings")
+    @classmethod
+    def _type(cls, v):
+        if v is not None and v not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {v!r}; valid: {', '.join(GGUF_TYPES)}")
+        return v
+
+
+class SafetensorsExport(_Strict):
+    enabled: bool = True
+    format: Literal["compressed-tensors", "bitsandbytes"] = "compressed-tensors"
+    bnb: Literal["nf4", "fp4", "int8"] = "nf4"  # used when format is bitsandbytes
+    max_shard_gb: float = Field(4.0, gt=0)
+
+
+class Exports(_Strict):
+    gguf: GGUFExport | None = None
+    safetensors: SafetensorsExport | None = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.gguf is None and self.safetensors is None:
+            raise ValueError("exports: name at least one of 'gguf' or 'safetensors'")
+        return self
+
+
+class EvalSpec(_Strict):
+    perplexity: bool = True
+    kl: bool = True
+    latency: bool = False
+    towers: bool = False  # vision/audio embedding cosine checks
+    n_windows: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=16)
+
+
+class Recipe(_Strict):
+    version: Literal[1] = RECIPE_VERSION
+    name: str = "recipe"
+    model: str
+    output: str
+    seed: int = 0
+    device: str = "cpu"
+    calibration: CalibrationConfig = CalibrationConfig()
+    towers: Towers = Towers()
+    overrides: list[Override] = []
+    ignore: list[str] = []  # globs of tensors kept as they are
+    kv_cache: KVCache = KVCache()
+    exports: Exports = Exports(safetensors=SafetensorsExport())
+    eval: EvalSpec | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
+        return v
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{path}: {loc}: {msg}{more}"
+
+
+def parse_recipe(data: Any, source: str | Path = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_error(Path(str(source)), e)) from None
+
+
+def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
+    """Read and validate a recipe file; ``overrides`` replace top-level keys (CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict):
+        data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_recipe(data, path)
