@@ -1,0 +1,217 @@
+"""The plan: every tensor of the checkpoint, its tower, its scheme and its bytes, before any
+weight is read.
+
+Scheme resolution, in order: 1-D tensors are never quantized; ``ignore`` globs keep a tensor;
+the last matching ``overrides`` entry wins; otherwise the tower's default. Then the KV-sharing
+rule: a producer's k_proj/v_proj feed every consumer of its group, so
+
+- an override that gives k/v of one layer of a group a scheme that differs from another layer's
+  explicit k/v scheme in the same group is refused (``PlanError`` naming the group);
+- otherwise the producer's k/v get the highest precision that any layer of the group asks for
+  (a consumer asks through its own attention's scheme, i.e. its q_proj scheme, or an explicit
+  k/v override).
+
+Consumers' dead k/v (present in Google's checkpoints) are marked ``dead``: never calibrated,
+never quantized, written only where a format requires them (llama.cpp's GGUF).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from quantize.errors import PlanError
+from quantize.model import TOWERS, Checkpoint, KVGroup, glob_match, is_dead_kv, layer_index, tower_of
+from quantize.recipe import Recipe
+from quantize.schemes import QuantScheme, precision_rank, resolve_scheme
+
+KEEP = resolve_scheme("keep")
+_KV_RE = re.compile(r"self_attn\.(k_proj|v_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    tower: str
+    layer: int | None
+    scheme: QuantScheme
+    reason: str  # why this scheme: "tower text", "override 2", "ignore", "1-D", "kv group ..."
+    dead: bool = False
+    bytes_before: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme.is_quantized and not self.dead
+
+    @property
+    def bytes_after(self) -> int:
+        if self.dead:
+            return 0
+        bpe = self.bytes_before // max(1, _numel(self.shape))
+        return self.scheme.bytes_for(self.shape, bpe)
+
+
+@dataclass(frozen=True)
+class Plan:
+    entries: tuple[PlanEntry, ...]
+    kv_groups: tuple[KVGroup, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    def __getitem__(self, name: str) -> PlanEntry:
+        return self.by_name[name]
+
+    @property
+    def by_name(self) -> dict[str, PlanEntry]:
+        return {e.name: e for e in self.entries}
+
+    def tower_totals(self) -> dict[str, dict]:
+        out = {t: {"tensors": 0, "params": 0, "bytes_before": 0, "bytes_after": 0, "schemes": set()} for t in TOWERS}
+        for e in self.entries:
+            t = out[e.tower]
+            t["tensors"] += 1
+            t["params"] += _numel(e.shape)
+            t["bytes_before"] += e.bytes_before
+            t["bytes_after"] += e.bytes_after
+            t["schemes"].add("dead k/v (dropped)" if e.dead else e.scheme.label())
+        return {k: v for k, v in out.items() if v["tensors"]}
+
+    def to_json(self) -> dict:
+        return {
+            "tensors": [
+                {
+                    "name": e.name,
+                    "shape": list(e.shape),
+                    "tower": e.tower,
+                    "scheme": e.scheme.label(),
+                    "reason": e.reason,
+                    "dead": e.dead,
+                    "bytes_before": e.bytes_before,
+                    "bytes_after": e.bytes_after,
+                }
+                for e in self.entries
+            ],
+            "kv_groups": [g.describe() for g in self.kv_groups],
+            "notes": list(self.notes),
+        }
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _override_for(name: str, recipe: Recipe) -> tuple[int, QuantScheme] | None:
+    hit = None
+    for i, o in enumerate(recipe.overrides):
+        if glob_match(name, o.match):
+            hit = (i, o.scheme)
+    return hit
+
+
+def build_plan(recipe: Recipe, ckpt: Checkpoint) -> Plan:
+    consumers = ckpt.consumers
+    entries: dict[str, PlanEntry] = {}
+    explicit_kv: dict[str, tuple[int, QuantScheme]] = {}
+    for info in ckpt.tensors.values():
+        name, ndim = info.name, len(info.shape)
+        tower = tower_of(name, ndim)
+        dead = is_dead_kv(name, consumers)
+        override = _override_for(name, recipe)
+        if tower == "norms":
+            scheme, reason = KEEP, "1-D (never quantized)"
+        elif glob_match(name, recipe.ignore):
+            scheme, reason = KEEP, "ignore"
+        elif override is not None:
+            scheme, reason = override[1], f"override {override[0]}"
+        else:
+            scheme, reason = getattr(recipe.towers, tower), f"tower {tower}"
+        if override is not None and _KV_RE.search(name):
+            explicit_kv[name] = override
+        if dead:
+            reason = "dead k/v of a KV-consumer layer"
+        entries[name] = PlanEntry(
+            name, info.shape, info.dtype, tower, layer_index(name), scheme, reason, dead, info.nbytes
+        )
+
+    notes = list(_apply_kv_groups(entries, explicit_kv, ckpt.kv_groups, ckpt))
+    return Plan(tuple(entries.values()), tuple(ckpt.kv_groups), tuple(notes))
+
+
+def _layer_name(ckpt_names, layer: int, leaf: str) -> str | None:
+    suffix = f"language_model.layers.{layer}.self_attn.{leaf}.weight"
+    for n in ckpt_names:
+        if n.endswith(suffix):
+            return n
+    return None
+
+
+def _apply_kv_groups(entries: dict[str, PlanEntry], explicit_kv, groups, ckpt: Checkpoint):
+    names = list(entries)
+    for g in groups:
+        explicit: dict[str, QuantScheme] = {}
+        asks: list[QuantScheme] = []
+        for layer in g.layers:
+            for leaf in ("k_proj", "v_proj"):
+                n = _layer_name(names, layer, leaf)
+                if n is not None and n in explicit_kv:
+                    explicit[n] = explicit_kv[n][1]
+            if layer != g.producer:
+                q = _layer_name(names, layer, "q_proj")
+                if q is not None:
+                    asks.append(entries[q].scheme)
+        if len({s.label() for s in explicit.values()}) > 1:
+            detail = "; ".join(f"{n}: {s.label()}" for n, s in sorted(explicit.items()))
+            raise PlanError(
+                f"KV-sharing group ({g.describe()}) gets conflicting K/V schemes: {detail}. "
+                f"Layer {g.producer}'s k_proj/v_proj feed every layer of the group, so give them one scheme"
+            )
+        prod = [_layer_name(names, g.producer, leaf) for leaf in ("k_proj", "v_proj")]
+        prod = [n for n in prod if n is not None]
+        if not prod:
+            continue
+        if explicit:
+            target, why = next(iter(explicit.values())), "explicit k/v override"
+        else:
+            candidates = [entries[n].scheme for n in prod] + asks
+            target = max(candidates, key=precision_rank)
+            why = "highest precision asked in the group"
+        lifted = False
+        for n in prod:
+            e = entries[n]
+            if e.scheme != target:
+                entries[n] = PlanEntry(
+                    e.name, e.shape, e.dtype, e.tower, e.layer, target,
+                    f"kv group {g.producer}->{','.join(map(str, g.consumers))}: {why}", e.dead, e.bytes_before,
+                )
+                lifted = True
+        if lifted:
+            yield f"layer {g.producer} k/v set to {target.label()} ({why}; group {g.describe()})"
+
+
+def format_plan(plan: Plan) -> str:
+    """Human-readable dry-run output: per-tower totals, KV groups, dead tensors, notes."""
+    lines = []
+    head = f"{'tower':<22} {'tensors':>7} {'params':>12} {'bytes before':>14} {'bytes after':>14}  schemes"
+    lines.append(head)
+    lines.append("-" * len(head))
+    tb = ta = 0
+    for tower, t in plan.tower_totals().items():
+        tb += t["bytes_before"]
+        ta += t["bytes_after"]
+        lines.append(
+            f"{tower:<22} {t['tensors']:>7} {t['params']:>12,} {t['bytes_before']:>14,} {t['bytes_after']:>14,}  "
+            + ", ".join(sorted(t["schemes"]))
+        )
+    lines.append(f"{'total':<22} {'':>7} {'':>12} {tb:>14,} {ta:>14,}  ({ta / max(tb, 1):.3f}x)")
+    lines.append("")
+    lines.append("KV-sharing groups (producer -> consumers):")
+    for g in plan.kv_groups:
+        lines.append(f"  {g.describe()}")
+    dead = [e.name for e in plan.entries if e.dead]
+    lines.append(f"dead k/v tensors in the checkpoint (not quantized; GGUF gets minimal placeholders): {len(dead)}")
+    for n in plan.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
