@@ -1,18 +1,27 @@
 """The ``calibration:`` section of a recipe: typed, frozen, strict.
 
 Sources:
-- ``embedded``: data that ships with Python and the project's dependencies (works offline).
+- ``embedded``: data that ships with Python and the project's dependencies (works offline):
+  Python's own documentation topics and standard-library sources for text, scikit-image's
+  bundled photographs for images, and the speech clips in ``calibrate/data`` for audio. Its
+  ``split`` is ``calib`` by default; ``eval`` is reserved for held-out evaluation.
 - ``files``: local files (text: .txt/.jsonl/.parquet/.csv; images: a folder; audio: .wav/.flac).
+  ``path`` is a file, a folder or a glob.
 - ``hub``: a ``datasets`` hub id with ``name`` (config), ``split`` and ``column`` (needs network
-  or the datasets cache).
+  or the datasets cache). A local folder works too: one ``datasets.load_dataset`` reads (parquet,
+  csv, json, imagefolder, audiofolder) or one written by ``Dataset.save_to_disk``.
+  ``split`` accepts slices such as ``train[:2000]`` to bound what is read from large corpora.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SourceKind = Literal["embedded", "files", "hub"]
+
+# Splits of the embedded data a recipe may calibrate on; ``eval`` is held out for evaluation.
+EMBEDDED_CALIBRATION_SPLITS = ("calib", "train")
 
 
 class _Strict(BaseModel):
@@ -20,12 +29,15 @@ class _Strict(BaseModel):
 
 
 class _Source(_Strict):
+    section: ClassVar[str] = "calibration"
+    default_column: ClassVar[str] = "text"
+
     source: SourceKind = "embedded"
     path: str | None = None  # files: a file, a folder or a glob
-    dataset: str | None = None  # hub: datasets id
+    dataset: str | None = None  # hub: datasets id (or a local dataset folder)
     name: str | None = None  # hub: datasets config name
-    split: str = "train"
-    column: str | None = None
+    split: str | None = None  # hub: default "train"; embedded: default "calib"
+    column: str | None = None  # hub, and jsonl/parquet/csv files: default per modality
 
     @model_validator(mode="after")
     def _needs(self):
@@ -33,10 +45,39 @@ class _Source(_Strict):
             raise ValueError("source 'files' needs 'path'")
         if self.source == "hub" and not self.dataset:
             raise ValueError("source 'hub' needs 'dataset' (and usually 'column')")
+        if self.source == "embedded" and self.split is not None and self.split not in EMBEDDED_CALIBRATION_SPLITS:
+            raise ValueError(
+                f"embedded split {self.split!r} cannot be used for calibration; valid: "
+                f"{', '.join(EMBEDDED_CALIBRATION_SPLITS)} ('eval' is held out for evaluation)"
+            )
         return self
+
+    @property
+    def resolved_split(self) -> str:
+        if self.split is not None:
+            return self.split
+        return "calib" if self.source == "embedded" else "train"
+
+    @property
+    def resolved_column(self) -> str:
+        return self.column or self.default_column
+
+    def describe(self) -> str:
+        """Label used in errors and logs: section plus where the data comes from."""
+        if self.source == "embedded":
+            where = f"embedded, split {self.resolved_split}"
+        elif self.source == "files":
+            where = f"files: {self.path}"
+        else:
+            cfg = f", config {self.name}" if self.name else ""
+            where = f"hub: {self.dataset}{cfg}, split {self.resolved_split}"
+        return f"{self.section} ({where})"
 
 
 class TextCalibration(_Source):
+    section: ClassVar[str] = "calibration.text"
+    default_column: ClassVar[str] = "text"
+
     n_samples: int = Field(32, ge=1)
     seq_len: int = Field(256, ge=8)
     packing: bool = True  # concatenate documents and cut windows; else one window per document
@@ -44,12 +85,18 @@ class TextCalibration(_Source):
 
 
 class ImageCalibration(_Source):
+    section: ClassVar[str] = "calibration.images"
+    default_column: ClassVar[str] = "image"
+
     n_samples: int = Field(4, ge=0)
 
 
 class AudioCalibration(_Source):
+    section: ClassVar[str] = "calibration.audio"
+    default_column: ClassVar[str] = "audio"
+
     n_samples: int = Field(4, ge=0)
-    max_seconds: float = Field(10.0, gt=0)
+    max_seconds: float = Field(10.0, gt=0)  # longer clips are cut to their first max_seconds
 
 
 class CalibrationConfig(_Strict):
@@ -57,5 +104,6 @@ class CalibrationConfig(_Strict):
     images: ImageCalibration = ImageCalibration()
     audio: AudioCalibration = AudioCalibration()
     # Samples that put an image or audio clip inside a chat prompt, so the text decoder also sees
-    # the towers' soft tokens during calibration.
+    # the towers' soft tokens during calibration. They alternate image, audio, image, ... over
+    # the modalities whose sources are set, reusing the calibration images and clips.
     multimodal_samples: int = Field(0, ge=0)
