@@ -1,0 +1,57 @@
+"""Runtimes that evaluate an artifact: one class per backend, the same small interface.
+
+Every backend offers:
+
+- ``vocab_size``;
+- ``logits(tokens) -> np.ndarray`` float32 (len(tokens), vocab): one sequence evaluated from an
+  empty cache, final (soft-capped) logits at every position;
+- ``start_timer() / stop_timer() -> seconds`` around device work (CUDA events on GPUs);
+- ``prefill(tokens) -> int``: empty the cache, process a prompt, return the greedy next token;
+- ``decode(token, n) -> int``: greedily generate ``n`` tokens after the current cache;
+- ``reset_peak_memory()`` and ``peak_memory() -> dict``;
+- ``close()``.
+
+``open_backend(name, artifact, device, threads)`` picks one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.errors import EvalError
+
+BACKENDS = ("transformers", "llamacpp")
+
+
+def artifact_kind(path: str | Path) -> str:
+    """``gguf`` for a .gguf file, ``safetensors`` for a model folder; anything else is an error."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return "gguf"
+    if p.is_dir() and (p / "config.json").exists():
+        return "safetensors"
+    if not p.exists():
+        raise EvalError(f"{p}: artifact does not exist")
+    raise EvalError(f"{p}: not an artifact; expected a .gguf file or a model folder with config.json")
+
+
+def default_backend(path: str | Path) -> str:
+    return "llamacpp" if artifact_kind(path) == "gguf" else "transformers"
+
+
+def open_backend(name: str, artifact: str | Path, device: str = "cpu", threads: int | None = None, n_ctx: int = 2048):
+    kind = artifact_kind(artifact)
+    if name == "auto":
+        name = default_backend(artifact)
+    if name not in BACKENDS:
+        raise EvalError(f"unknown --backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if name == "llamacpp":
+        if kind != "gguf":
+            raise EvalError(f"{artifact}: --backend llamacpp needs a .gguf file, got a {kind} folder")
+        from eval.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(artifact, device=device, threads=threads, n_ctx=n_ctx)
+    if kind != "safetensors":
+        raise EvalError(f"{artifact}: --backend transformers needs a model folder, got a .gguf file (use --backend llamacpp)")
+    from eval.backends.hf import TransformersBackend
+
+    return TransformersBackend(artifact, device=device, threads=threads)
