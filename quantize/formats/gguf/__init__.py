@@ -1,0 +1,61 @@
+"""GGUF export for llama.cpp: the Gemma 3n text model and its vision mmproj.
+
+``write_gguf(ctx, options)`` validates everything first (llama.cpp's hard-coded Gemma 3n layout,
+names, types, mtmd's limits), then streams ``<name>-<mix>.gguf`` and, when asked,
+``mmproj-<name>-<type>.gguf``. Imports: ``gguf``, numpy, torch and ``quantize`` only.
+
+Audio: llama.cpp (as vendored in llama-cpp-python 0.3.36) cannot run Gemma 3n's audio tower —
+its converter stops on ``subsample_conv_projection.conv_N.norm`` and mtmd declares the
+``gemma3na`` projector without implementing a graph for it — so the audio tower is never put in
+the mmproj (the file's metadata says so); it ships in the safetensors export.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from quantize.formats.gguf import keys, mixes
+from quantize.formats.gguf.vocab import load_vocab
+from quantize.formats.gguf.writer import GGUFPlan, plan_text, type_counts, write_plan
+
+log = logging.getLogger(__name__)
+
+AUDIO_NOTE = (
+    "Gemma 3n audio is not in this GGUF: llama.cpp (llama-cpp-python 0.3.36) declares the gemma3na "
+    "projector but implements no graph for it, and its converter cannot map the audio tower's "
+    "subsample_conv_projection norms. Use the safetensors export for audio."
+)
+
+
+def _recipe_json(ctx) -> dict:
+    try:
+        return ctx.recipe.model_dump(mode="json")
+    except Exception:  # a recipe that cannot serialise still exports; provenance is best effort
+        return {"name": getattr(ctx.recipe, "name", "recipe")}
+
+
+def write_gguf(ctx, options) -> list[Path]:
+    """Write the text GGUF (and the vision mmproj when ``options.mmproj``); returns the paths."""
+    from quantize.formats.gguf import mmproj
+
+    text = plan_text(ctx, options)
+    mm = mmproj.plan_mmproj(ctx, options) if options.mmproj else None  # validated before writing anything
+    tc = ctx.source.config["text_config"]
+    vocab = load_vocab(ctx.source.checkpoint.folder, int(tc["vocab_size"]))
+    recipe = _recipe_json(ctx)
+
+    def text_meta(w):
+        keys.add_text_keys(w, tc)
+        keys.add_vocab(w, vocab)
+        w.add_file_type(int(mixes.file_type(options.mix, type_counts(text))))
+        w.add_quantization_version(2)
+        keys.add_provenance(w, ctx.provenance, recipe, text.notes + [AUDIO_NOTE], text.warnings)
+        w.add_string(keys.PREFIX + "mix", options.mix)
+
+    out = [write_plan(ctx, text, text_meta)]
+    if mm is not None:
+        out.append(mmproj.write_mmproj(ctx, mm, recipe))
+    return out
+
+
+__all__ = ["write_gguf", "GGUFPlan", "plan_text", "AUDIO_NOTE"]

@@ -1,0 +1,255 @@
+"""Plan -> validated list of GGUF tensors -> one file, streamed one tensor at a time.
+
+Everything that can be refused is refused before a byte is written: llama.cpp's hard-coded
+layout (``quantize.llamacpp_layout``), tensor names, row lengths against block sizes, and that
+each exact type really holds the plan's codes. Then the header, metadata and tensor index are
+written and each tensor is read, packed and appended alone, so peak memory stays near the
+largest tensor. The file is written as ``<name>.partial`` and renamed at the end; a failure
+removes the partial file, so an interrupted run leaves no ``.gguf``.
+
+KV-shared layers: llama.cpp's loader requires ``blk.N.attn_k``, ``attn_v`` and ``attn_k_norm``
+for every layer, but ``gemma3n.cpp`` never reads them for layers >= 20 (``hparams.has_kv(il)``
+is false there; those layers take K/V from layers 18/19's cache). Google's checkpoints carry
+dead weights there, transformers >= 5 drops them. Either way we write zeros in the cheapest type
+the loader accepts (Q1_0, 1.125 bits per weight; Q4_0 or F16 where the row length does not
+allow it; 1-D norms as F32): the file loads, and the numbers can never matter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter
+
+from quantize.errors import ExportError
+from quantize.formats.gguf import blocks, kquants, mixes
+from quantize.formats.gguf.names import TEXT_RULES, map_name
+from quantize.llamacpp_layout import validate_layout
+from quantize.qtensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+MULTIMODAL_TOWERS = ("vision", "audio", "embedders")
+
+
+@dataclass
+class Target:
+    """One GGUF tensor: where its values come from and how they are packed."""
+
+    gguf: str
+    shape: tuple[int, ...]  # numpy order (GGUF stores it reversed as ggml's ne)
+    sources: tuple[str, ...]  # checkpoint names (3 for stacked AltUp projections, 0 for placeholders)
+    choice: mixes.Choice
+    transform: str = ""
+    layer: int | None = None
+    pad_rows: int = 0  # zero rows appended (vocabulary padding)
+    method: str = "rtn"
+    dequantize: bool = False  # pack floats from our dequantized weights rather than the originals
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * blocks.row_bytes(self.choice.qtype, self.cols)
+
+
+@dataclass
+class GGUFPlan:
+    path: Path
+    arch: str
+    targets: list[Target]
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _consumer_start(tc: dict) -> int:
+    return int(tc["num_hidden_layers"]) - int(tc.get("num_kv_shared_layers", 0) or 0)
+
+
+def plan_text(ctx, options) -> GGUFPlan:
+    cfg = ctx.source.config
+    tc = cfg["text_config"]
+    warnings = [f"llama.cpp layout mismatch (written with force): {m}" for m in validate_layout(tc, options.force, f"{ctx.source.checkpoint.folder}/config.json")]
+    n_layer = int(tc["num_hidden_layers"])
+    vocab_size = int(tc["vocab_size"])
+    hidden = int(tc["hidden_size"])
+    kv_dim = int(tc["num_key_value_heads"]) * int(tc["head_dim"])
+    first_consumer = _consumer_start(tc)
+    mix = options.mix
+
+    grouped: dict[str, dict] = {}
+    notes: list[str] = []
+    for e in ctx.source.plan.entries:
+        if e.tower in MULTIMODAL_TOWERS or "vision_tower" in e.name or "audio_tower" in e.name or "embed_vision" in e.name or "embed_audio" in e.name:
+            continue
+        m = map_name(e.name, TEXT_RULES)
+        if m is None:
+            raise ExportError(f"{e.name}: no llama.cpp gemma3n tensor name for this checkpoint tensor (see quantize/formats/gguf/names.py)")
+        if m.gguf is None:
+            continue
+        g = grouped.setdefault(m.gguf, {"entries": {}, "transform": m.transform})
+        g["entries"][m.stack_index if m.transform == "stack" else 0] = e
+
+    targets: list[Target] = []
+    for gname, g in grouped.items():
+        ents = [g["entries"][k] for k in sorted(g["entries"])]
+        e0 = ents[0]
+        transform = g["transform"]
+        if transform == "stack":
+            want = int(tc.get("altup_num_inputs", 4)) - 1
+            if sorted(g["entries"]) != list(range(want)):
+                raise ExportError(f"{gname}: needs checkpoint tensors 0..{want - 1}, found indices {sorted(g['entries'])}")
+            if len({x.shape for x in ents}) != 1 or len({x.scheme.label() for x in ents}) != 1:
+                raise ExportError(f"{gname}: the stacked AltUp projections differ in shape or scheme")
+            shape = (len(ents), *e0.shape)
+        else:
+            shape = tuple(e0.shape)
+        pad = 0
+        if transform == "pad_vocab":
+            if shape[0] > vocab_size:
+                raise ExportError(f"{e0.name}: {shape[0]} rows but text_config.vocab_size is {vocab_size}")
+            pad = vocab_size - shape[0]
+            shape = (vocab_size, *shape[1:])
+        if len(shape) > 2 and transform != "stack":
+            raise ExportError(f"{e0.name}: a {len(shape)}-D text tensor has no gemma3n GGUF layout")
+        if e0.dead:
+            targets.append(_placeholder(gname, shape, e0.layer, "dead k/v of a KV-shared layer (never read by llama.cpp)"))
+            continue
+        scheme = e0.scheme if e0.quantized else None
+        choice = mixes.choose(gname, len(shape), shape[-1], e0.layer, n_layer, mix, scheme, e0.dtype,
+                              options.token_embeddings, options.per_layer_embeddings)
+        method = e0.scheme.method if e0.quantized else "keep"
+        deq = e0.quantized and not choice.exact and (mix == "auto" or method in ("gptq", "awq"))
+        if choice.note:
+            notes.append(f"{gname}: {choice.note}")
+        targets.append(Target(gname, shape, tuple(x.name for x in ents), choice, transform, e0.layer, pad, method, deq))
+
+    have = {t.gguf for t in targets}
+    for il in range(n_layer):
+        for leaf, shape in (("attn_k.weight", (kv_dim, hidden)), ("attn_v.weight", (kv_dim, hidden)), ("attn_k_norm.weight", (int(tc["head_dim"]),))):
+            name = f"blk.{il}.{leaf}"
+            if name in have:
+                continue
+            if il < first_consumer:
+                raise ExportError(f"checkpoint has no tensor for {name} (layer {il} computes its own K/V)")
+            targets.append(_placeholder(name, shape, il, "absent in the checkpoint (transformers >= 5 drops it); never read by llama.cpp"))
+    missing = sorted(set(_required_text_names(n_layer)) - {t.gguf for t in targets})
+    if missing:
+        raise ExportError(f"the checkpoint lacks tensors llama.cpp's gemma3n loader requires: {', '.join(missing[:10])}"
+                          + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+    for t in targets:
+        if not mixes.fits(t.choice.qtype, t.cols):
+            raise ExportError(f"{t.gguf}: {t.cols} columns do not fit {t.choice.qtype.name} blocks of {GGML_QUANT_SIZES[t.choice.qtype][0]}")
+    n_ph = sum(1 for t in targets if not t.sources)
+    if n_ph:
+        notes.append(f"{n_ph} K/V tensors of KV-shared layers written as zero placeholders: llama.cpp's loader requires them, its graph never reads them")
+    targets.sort(key=_order)
+    name = f"{ctx.recipe.name}-{mix}.gguf"
+    return GGUFPlan(Path(ctx.out_dir) / name, "gemma3n", targets, notes, warnings)
+
+
+def _placeholder(name: str, shape: tuple[int, ...], layer: int | None, why: str) -> Target:
+    qtype = mixes.placeholder_type(shape[-1], len(shape))
+    return Target(name, tuple(shape), (), mixes.Choice(qtype, note=f"placeholder: {why}"), "zeros", layer)
+
+
+def _required_text_names(n_layer: int) -> list[str]:
+    """What ``llama_model_gemma3n::load_arch_tensors`` creates without TENSOR_NOT_REQUIRED."""
+    top = ["token_embd.weight", "altup_proj.weight", "altup_unembd_proj.weight", "per_layer_token_embd.weight",
+           "per_layer_model_proj.weight", "per_layer_proj_norm.weight", "output_norm.weight"]
+    leaves = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
+              "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm", "inp_gate",
+              "proj", "post_norm", "altup_correct_coef", "altup_correct_scale", "altup_predict_coef",
+              "altup_router", "altup_router_norm", "laurel_l", "laurel_r", "laurel_post_norm"]
+    return top + [f"blk.{i}.{leaf}.weight" for i in range(n_layer) for leaf in leaves]
+
+
+def _order(t: Target):
+    # llama.cpp does not care; a stable, readable order (globals first, then by layer)
+    return (-1 if t.layer is None else t.layer, t.gguf)
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+def _values(ctx, src: str, t: Target) -> torch.Tensor | QuantizedTensor:
+    v = ctx.source.get(src)
+    if isinstance(v, QuantizedTensor) and not t.choice.exact:
+        return v.dequantize() if t.dequantize else ctx.source.original(src)
+    return v
+
+
+def pack_target(ctx, t: Target) -> np.ndarray:
+    """The bytes of one target (uint8, 1-D), read and packed alone."""
+    qtype = t.choice.qtype
+    if not t.sources:
+        return np.zeros(t.nbytes, np.uint8)
+    parts = []
+    for src in t.sources:
+        v = _values(ctx, src, t)
+        if t.choice.exact:
+            if not isinstance(v, QuantizedTensor) or blocks.exact_type(v) != qtype:
+                got = v.scheme.label() if isinstance(v, QuantizedTensor) else "a float tensor"
+                raise ExportError(f"{src}: the plan promised codes that {qtype.name} holds exactly, the source gave {got}")
+            parts.append(blocks.pack_exact(v, qtype))
+            continue
+        w = v.detach().to(torch.float32).reshape(-1, t.cols).numpy()
+        if qtype in kquants.BYTES:
+            imp = ctx.source.importance.get(src)
+            imp = None if imp is None or imp.numel() != t.cols else imp.to(torch.float32).numpy()
+            parts.append(kquants.encode_kquant(w, qtype, imp))
+        else:
+            parts.append(blocks.pack_float(w, qtype))
+    out = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    if t.pad_rows:
+        out = np.concatenate([out, np.zeros((t.pad_rows, out.shape[1]), np.uint8)], axis=0)
+    out = np.ascontiguousarray(out).reshape(-1)
+    if out.nbytes != t.nbytes:
+        raise ExportError(f"{t.gguf}: packed {out.nbytes} bytes, expected {t.nbytes} for {qtype.name} {t.shape}")
+    return out
+
+
+def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
+    """Write ``plan`` to ``plan.path`` via a ``.partial`` file; ``add_metadata(writer)`` adds keys."""
+    from tqdm import tqdm
+
+    final = plan.path
+    tmp = final.with_name(final.name + ".partial")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    w = GGUFWriter(path=None, arch=plan.arch)
+    try:
+        add_metadata(w)
+        for t in plan.targets:
+            w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.choice.qtype)
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in tqdm(plan.targets, desc=f"writing {final.name}", unit="tensor", leave=False):
+            w.write_tensor_data(pack_target(ctx, t))
+        w.close()
+        os.replace(tmp, final)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote %s (%d tensors, %.1f MiB)", final, len(plan.targets), final.stat().st_size / 2**20)
+    return final
+
+
+def type_counts(plan: GGUFPlan) -> dict[T, int]:
+    counts: dict[T, int] = {}
+    for t in plan.targets:
+        if t.sources and len(t.shape) > 1:
+            counts[t.choice.qtype] = counts.get(t.choice.qtype, 0) + int(np.prod(t.shape))
+    return counts
