@@ -20,10 +20,10 @@ from eval import kl as klmod
 from eval.backends import artifact_kind, default_backend, open_backend
 from eval.device import TegrastatsSampler, device_label, fingerprint
 from eval.errors import EvalError
-from eval.heldout import heldout_text
+from eval.heldout import heldout_text_sha256, heldout_windows
 from eval.latency import DEFAULT_DECODE, DEFAULT_PROMPT_LENGTHS, measure
 from eval.results import SCHEMA_VERSION, sha256_of, size_on_disk, slug, write_result
-from eval.windows import Windows, make_windows, perplexity, scored_logits
+from eval.windows import Windows, perplexity, scored_logits
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunSettings:
     seq_len: int = 512
-    n_windows: int | None = 4
+    n_windows: int = 4
     kl_top_k: int = klmod.DEFAULT_TOP_K
     threads: int | None = None
     device: str = "cpu"
@@ -45,19 +45,16 @@ class RunSettings:
     extra: dict = field(default_factory=dict)
 
 
-def tokenize_heldout(reference: str | Path) -> tuple[np.ndarray, int, str]:
-    """Held-out token ids (no special tokens), the <bos> id and the text's sha256."""
+def tokenize_heldout(reference: str | Path, settings: RunSettings) -> Windows:
+    """Held-out windows tokenized once with the reference folder's tokenizer."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(reference))
     except (OSError, ValueError) as e:
         raise EvalError(f"{reference}: cannot load the reference tokenizer ({e})") from e
-    if tok.bos_token_id is None:
-        raise EvalError(f"{reference}: tokenizer has no <bos> token")
-    text = heldout_text()
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int32), int(tok.bos_token_id), hashlib.sha256(text.encode()).hexdigest()
+    tokens = heldout_windows(tok, settings.n_windows, settings.seq_len)
+    return Windows(tokens=tokens, first=settings.seq_len // 2)
 
 
 def base_key(ref_sha: str, settings: RunSettings) -> str:
@@ -69,8 +66,7 @@ def base_key(ref_sha: str, settings: RunSettings) -> str:
 def build_kl_base(reference: str | Path, settings: RunSettings, ref_sha: str | None = None) -> klmod.KLBase:
     """Evaluate the reference with transformers and keep its top-k log-probs per scored token."""
     reference = Path(reference)
-    stream, bos, text_sha = tokenize_heldout(reference)
-    windows = make_windows(stream, settings.seq_len, bos, settings.n_windows)
+    windows = tokenize_heldout(reference, settings)
     backend = open_backend("transformers", reference, settings.device, settings.threads)
     ids_all, logp_all, rest_all = [], [], []
     try:
@@ -93,12 +89,11 @@ def build_kl_base(reference: str | Path, settings: RunSettings, ref_sha: str | N
         meta={
             "reference": str(reference),
             "reference_sha256": ref_sha or sha256_of(reference),
-            "text_sha256": text_sha,
+            "text_sha256": heldout_text_sha256(),
             "seq_len": settings.seq_len,
             "n_windows": windows.n_windows,
             "top_k": settings.kl_top_k,
             "device": settings.device,
-            "stream_tokens": int(len(stream)),
         },
     )
 
@@ -160,7 +155,7 @@ def evaluate(artifact: str | Path, reference: str | Path, out_dir: str | Path, b
         q = quality(backend, base)
         lat = None
         if settings.latency:
-            stream = base.tokens.reshape(-1)
+            stream = base.tokens[:, 1:].reshape(-1)  # held-out ids without the <bos> of each window
             with TegrastatsSampler(settings.tegrastats_interval_ms) as sampler:
                 lat = measure(backend, stream, int(base.tokens[0, 0]), settings.prompt_lengths,
                               settings.n_decode, settings.repeats, settings.warmup)

@@ -1,8 +1,8 @@
-"""Perplexity windows exactly like llama.cpp's ``llama-perplexity``.
+"""Perplexity windows scored like llama.cpp's ``llama-perplexity``.
 
-The held-out token stream is cut into consecutive, non-overlapping chunks of ``n_ctx`` tokens;
-the first token of each chunk is replaced by ``<bos>``; each chunk is evaluated from an empty
-cache and only the second half is scored: the logits at positions ``first .. n_ctx - 2``
+The held-out text is cut into consecutive, non-overlapping windows of ``n_ctx`` tokens that
+start with ``<bos>`` (``eval.heldout``); each window is evaluated from an empty cache and only
+the second half is scored: the logits at positions ``first .. n_ctx - 2``
 (``first = n_ctx // 2``) predict the tokens at ``first + 1 .. n_ctx - 1``. Every position that
 is scored therefore sees at least ``n_ctx / 2`` tokens of context, which keeps numbers
 comparable across backends and with llama.cpp's own tool.
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eval.errors import EvalError
 
 
 @dataclass(frozen=True)
@@ -36,22 +35,6 @@ class Windows:
     def targets(self) -> np.ndarray:
         """(n_windows, scored_per_window) next-token ids that the scored logits predict."""
         return self.tokens[:, self.first + 1 :]
-
-
-def make_windows(stream: list[int] | np.ndarray, n_ctx: int, bos: int, n_windows: int | None = None) -> Windows:
-    """Windows over a token stream (tokenized without special tokens)."""
-    if n_ctx < 4:
-        raise EvalError(f"--seq-len must be at least 4 tokens, got {n_ctx}")
-    stream = np.asarray(stream, dtype=np.int32)
-    available = len(stream) // n_ctx
-    if available < 1:
-        raise EvalError(f"held-out text has {len(stream)} tokens, fewer than one window of --seq-len {n_ctx}")
-    n = available if n_windows is None else n_windows
-    if n < 1 or n > available:
-        raise EvalError(f"--n-windows must be in 1..{available} for --seq-len {n_ctx}, got {n_windows}")
-    tokens = stream[: n * n_ctx].reshape(n, n_ctx).copy()
-    tokens[:, 0] = bos
-    return Windows(tokens=tokens, first=n_ctx // 2)
 
 
 def scored_logits(logits: np.ndarray, windows: Windows) -> np.ndarray:
