@@ -192,6 +192,10 @@ def evaluate(artifact: str | Path, reference: str | Path, out_dir: str | Path, b
 def evaluate_many(artifacts, reference, out_dir, backend_name="auto", settings: RunSettings | None = None,
                   kl_base_path: str | Path | None = None) -> list[Path]:
     settings = settings or RunSettings()
+    for a in artifacts:  # fail on a bad path before the reference's (slow) KL base is built
+        artifact_kind(a)
+    if artifact_kind(reference) != "safetensors":
+        raise EvalError(f"{reference}: --reference must be the unquantized model folder (with config.json)")
     base, _ = ensure_kl_base(reference, settings, out_dir, kl_base_path)
     return [evaluate(a, reference, out_dir, backend_name, settings, base) for a in artifacts]
 
