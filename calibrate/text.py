@@ -157,23 +157,41 @@ def _bos(tokenizer, label: str) -> int:
     return int(tokenizer.bos_token_id)
 
 
-def _chat_sample(tokenizer, stream: list[int], start: int, budget: int, seq_len: int, label: str) -> tuple[list[int], int]:
-    """Chat-wrapped ids of ``stream[start:start+n]`` with n chosen so the result has ``seq_len`` tokens.
+def _chat_sample(tokenizer, stream: list[int], start: int, budget: int, seq_len: int, label: str) -> tuple[list[int], int, int]:
+    """Chat-wrapped ids of ``stream[s:s+n]``, with s >= start and n chosen so the result has ``seq_len`` tokens.
 
-    Decoding a window and re-tokenizing it (the template trims whitespace) can shift its length
-    by a token or two, so adjust n a few times and keep the longest result that fits.
+    Decoding a window and re-tokenizing it (the template trims whitespace, merges cross the cut)
+    can shift its length by a token or two, so try a few cut lengths and starts and keep the
+    longest result that fits. Returns (ids, s, n).
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise CalibrationError(label, "chat_template: true, but the tokenizer has no chat template")
-    n, best = budget, None
-    for _ in range(6):
-        n = max(1, min(n, len(stream) - start))
-        ids = chat_ids(tokenizer, tokenizer.decode(stream[start : start + n]))
+    best = None  # (ids, s, n)
+    tried: set[tuple[int, int]] = set()
+
+    def attempt(s: int, k: int):
+        nonlocal best
+        k = max(1, min(k, len(stream) - s))
+        if (s, k) in tried or s >= len(stream):
+            return None
+        tried.add((s, k))
+        ids = chat_ids(tokenizer, tokenizer.decode(stream[s : s + k]))
         if len(ids) <= seq_len and (best is None or len(ids) > len(best[0])):
-            best = (ids, n)
-        if len(ids) == seq_len or (len(ids) < seq_len and start + n >= len(stream)):
+            best = (ids, s, k)
+        return ids
+
+    for shift in range(4):
+        s, n = start + shift, budget
+        for _ in range(6):
+            ids = attempt(s, n)
+            if ids is None or len(ids) == seq_len:
+                break
+            n += seq_len - len(ids)
+        if best is not None and len(best[0]) < seq_len:
+            for k in range(best[2] + 1, best[2] + 4):
+                attempt(best[1], k)
+        if best is not None and len(best[0]) == seq_len:
             break
-        n += seq_len - len(ids)
     if best is None:
         raise CalibrationError(label, f"seq_len {seq_len} is too short to hold the chat template and any text")
     return best
@@ -200,8 +218,8 @@ def sample_text(src: TextCalibration, documents: list[Document], tokenizer, seed
     out = []
     for stream, start, spans in samples:
         if src.chat_template:
-            ids, used = _chat_sample(tokenizer, stream, start, budget, seq_len, label)
-            spans = _clip_spans(spans, used)
+            ids, s, used = _chat_sample(tokenizer, stream, start, budget, seq_len, label)
+            spans = _clip_spans(spans, s - start, used)
         else:
             ids = [bos] + stream[start : start + budget]
         out.append(TextSample(ids, tuple(spans)))
@@ -209,9 +227,15 @@ def sample_text(src: TextCalibration, documents: list[Document], tokenizer, seed
     return out
 
 
-def _clip_spans(spans, n_tokens):
+def _clip_spans(spans, skip: int, n_tokens: int):
+    """The spans of a window that starts ``skip`` tokens later and holds ``n_tokens``."""
     out, left = [], n_tokens
     for doc, first, count in spans:
+        drop = min(skip, count)
+        skip -= drop
+        first, count = first + drop, count - drop
+        if count <= 0:
+            continue
         if left <= 0:
             break
         out.append((doc, first, min(count, left)))
