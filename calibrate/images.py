@@ -13,7 +13,15 @@ from pathlib import Path
 
 from calibrate.config import ImageCalibration
 from calibrate.errors import CalibrationError
-from calibrate.sources import cell_bytes, check_column, hub_manifest, list_files, load_hub_split, pick_indices, undecoded_column
+from calibrate.sources import (
+    cell_bytes,
+    check_column,
+    hub_manifest,
+    list_files,
+    load_hub_split,
+    pick_indices,
+    undecoded_column,
+)
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,13 @@ import numpy as np
 from calibrate import embedded_text
 from calibrate.config import TextCalibration
 from calibrate.errors import CalibrationError
-from calibrate.sources import check_column, file_sha256, hub_manifest, list_files, load_hub_split
+from calibrate.sources import (
+    check_column,
+    file_sha256,
+    hub_manifest,
+    list_files,
+    load_hub_split,
+)
 
 log = logging.getLogger(__name__)
 

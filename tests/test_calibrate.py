@@ -16,9 +16,21 @@ import torch
 from PIL import Image
 from scipy.signal import resample_poly
 
-from calibrate import CalibrationError, build_calibration, heldout_audio, heldout_images, heldout_manifest, heldout_text
-from calibrate import embedded_text
-from calibrate.config import AudioCalibration, CalibrationConfig, ImageCalibration, TextCalibration
+from calibrate import (
+    CalibrationError,
+    build_calibration,
+    embedded_text,
+    heldout_audio,
+    heldout_images,
+    heldout_manifest,
+    heldout_text,
+)
+from calibrate.config import (
+    AudioCalibration,
+    CalibrationConfig,
+    ImageCalibration,
+    TextCalibration,
+)
 from calibrate.text import load_documents, sample_text
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "calibrate" / "data"
