@@ -20,7 +20,8 @@ MANIFEST_VERSION = 1
 class CalibrationSet:
     """Model-ready calibration inputs.
 
-    - ``text``: (1, seq_len) int64 input_ids, each starting with <bos>.
+    - ``text``: (1, seq_len) int64 input_ids, each starting with <bos>. With ``chat_template``
+      a rare sample is a token or two shorter, where re-tokenizing cut text cannot hit seq_len.
     - ``multimodal``: processor outputs for ``model(**sample)`` (input_ids, attention_mask,
       token_type_ids, and pixel_values or input_features + input_features_mask).
     - ``images``: (N, 3, H, W) pixel values from the model's image processor (N may be 0).

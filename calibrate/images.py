@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Photographs bundled inside the scikit-image wheel (``skimage/data``; no download). The split
-# is fixed by name so calibration and evaluation never share an image.
+# is fixed by name so calibration and evaluation never share an image. coins and moon are
+# grayscale photographs (converted to RGB like any other grayscale input).
 EMBEDDED_IMAGES = {
-    "calib": ("astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png"),
+    "calib": ("astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "ihc.png",
+              "coins.png", "moon.png"),
     "train": (),
     "eval": ("chelsea.png", "retina.jpg", "camera.png"),
 }

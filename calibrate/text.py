@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from calibrate import embedded_text
 from calibrate.config import TextCalibration
@@ -249,6 +250,11 @@ def _clip_spans(spans, skip: int, n_tokens: int):
     return out
 
 
+def _progress(order, label):
+    """Progress over documents, shown only where tokenizing is long enough to wait for."""
+    return tqdm(order, desc=f"tokenizing {label}", unit="doc", leave=False, disable=len(order) < 500)
+
+
 def _packed(src, documents, order, tokenizer, rng, budget, label):
     """Concatenate documents (separated by <eos>) and draw non-overlapping windows at random."""
     n = src.n_samples
@@ -257,7 +263,7 @@ def _packed(src, documents, order, tokenizer, rng, budget, label):
     starts: list[tuple[int, str]] = []  # (stream offset, document id)
     # Chat samples may read a few tokens past their window while fitting the template.
     slack = 8 if src.chat_template else 0
-    for i in order:
+    for i in _progress(order, label):
         starts.append((len(stream), documents[i].id))
         stream.extend(_encode(tokenizer, documents[i].text))
         stream.extend(sep)
@@ -291,9 +297,8 @@ def _per_document(src, documents, order, tokenizer, rng, budget, label):
     """One window per document, at a seeded offset, from documents long enough to hold it."""
     n = src.n_samples
     need = budget + (8 if src.chat_template else 0)
-    out, seen = [], 0
-    for i in order:
-        seen += 1
+    out = []
+    for i in _progress(order, label):
         ids = _encode(tokenizer, documents[i].text)
         if len(ids) < need:
             continue

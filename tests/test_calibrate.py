@@ -121,7 +121,7 @@ def test_same_seed_same_tokens_other_seed_other_tokens(processor):
 
 
 def test_heldout_data_is_disjoint_from_calibration(processor, tok):
-    cs = build_calibration(CalibrationConfig(text={"n_samples": 64}, images={"n_samples": 6}), processor, seed=3)
+    cs = build_calibration(CalibrationConfig(text={"n_samples": 64}, images={"n_samples": 8}), processor, seed=3)
     held = heldout_manifest()
     used_docs = {d for s in cs.manifest["text"]["samples"] for d, _, _ in s["spans"]}
     assert used_docs and not used_docs & set(held["text"]["documents"])
@@ -392,8 +392,8 @@ def test_too_few_tokens_names_the_source(tmp_path, processor):
 
 
 def test_more_images_than_the_source_holds_is_an_error(processor):
-    with pytest.raises(CalibrationError, match=r"calibration.images \(embedded, split calib\): n_samples is 7 but the source holds only 6 images"):
-        build_calibration(small(images={"n_samples": 7}), processor, 0)
+    with pytest.raises(CalibrationError, match=r"calibration.images \(embedded, split calib\): n_samples is 9 but the source holds only 8 images"):
+        build_calibration(small(images={"n_samples": 9}), processor, 0)
 
 
 def test_missing_path_is_an_error(tmp_path, processor):
