@@ -5,11 +5,19 @@ Symmetric int scales follow llama.cpp's Q4_0 / Q8_0 convention so that our codes
 blocks as they are: int4 uses ``d = m / -8`` where ``m`` is the signed value of largest
 magnitude (codes reach both -8 and +7); int8 uses ``d = amax / 127``. Scales are rounded to fp16
 *before* the codes are computed, so codes and fp16 scales are consistent.
+
+With ``scheme.importance`` and a per-column importance vector (mean squared activation, like
+llama.cpp's imatrix) the int scale of every group is searched over a small candidate set
+(llama.cpp's ``make_qx_quants`` idea: several ``iscale`` trials, each followed by a weighted
+least-squares refit of the scale), keeping whichever minimises the importance-weighted squared
+error. The plain RTN choice is always one of the candidates, so the weighted error never gets
+worse; codes stay in the same grid and scales stay fp16, so a Q4_0 / Q8_0 block stays valid.
 """
 from __future__ import annotations
 
 import torch
 
+from quantize.errors import QuantizeError
 from quantize.qtensor import QuantizedTensor
 from quantize.schemes import QuantScheme
 
@@ -88,9 +96,127 @@ def quantize_fp8(name: str, weight: torch.Tensor, scheme: QuantScheme) -> Quanti
     return QuantizedTensor(name=name, shape=tuple(weight.shape), scheme=scheme, codes=codes, scales=scale)
 
 
-def quantize_rtn(name: str, weight: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
+# Candidate scale multipliers tried per group by the importance search, relative to the plain
+# RTN scale. Mirrors make_qx_quants' ``iscale = -(nmax + 0.1 * is) / max`` for is in [-9, 9]
+# (for int4, nmax = 8: multipliers 8 / (8 + 0.1 is) in [0.90, 1.13]); a few tighter clips are
+# added because weighted error often prefers clipping outliers of unimportant columns.
+IMPORTANCE_STEPS = tuple(range(-9, 10))
+EXTRA_CLIPS = (0.6, 0.7, 0.8, 0.85)
+ROW_CHUNK = 256  # rows searched at once: a few (chunk, cols) temporaries, whatever the matrix size
+
+
+class ImportanceError(QuantizeError):
+    """An importance vector does not fit the tensor it should weight."""
+
+
+def dequant_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """fp32 values of grouped codes, exactly as ``QuantizedTensor.dequantize`` computes them."""
+    q = codes.to(torch.float32)
+    if zero is not None:
+        q = q - zero.to(torch.float32).unsqueeze(-1)
+    return q * scale.to(torch.float32).unsqueeze(-1)
+
+
+def _weighted_err(groups, codes, scale, zero, wts):
+    d = groups - dequant_groups(codes, scale, zero)
+    return (wts * d * d).sum(-1)
+
+
+def _lsq_scale(groups, codes, zero, wts):
+    """Weighted least-squares scale for fixed codes: argmin_s sum w (x - s (q - z))^2."""
+    q = codes.to(torch.float32)
+    if zero is not None:
+        q = q - zero.to(torch.float32).unsqueeze(-1)
+    num = (wts * groups * q).sum(-1)
+    den = (wts * q * q).sum(-1)
+    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).to(torch.float16)
+
+
+def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symmetric: bool):
+    """Best (scale, zero) per group under importance weights; plain RTN is candidate 0."""
+    base_scale, base_zero = int_scales(groups, bits, symmetric)
+    best_codes = int_codes(groups, base_scale, base_zero, bits)
+    best_scale, best_zero = base_scale, base_zero
+    best_err = _weighted_err(groups, best_codes, best_scale, best_zero, wts)
+    if symmetric:
+        nmax = 8.0 if bits == 4 else 127.0  # the divisor of the plain scale (see int_scales)
+    else:
+        nmax = float((1 << bits) - 1)
+    mults = [nmax / (nmax + 0.1 * i) for i in IMPORTANCE_STEPS if i] + list(EXTRA_CLIPS)
+    qmax = (1 << bits) - 1
+    lo = groups.amin(dim=-1).clamp(max=0.0)
+
+    def consider(scale, zero):
+        nonlocal best_codes, best_scale, best_zero, best_err
+        codes = int_codes(groups, scale, zero, bits)
+        err = _weighted_err(groups, codes, scale, zero, wts)
+        better = err < best_err
+        if better.any():
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+            if zero is not None:
+                best_zero = torch.where(better, zero, best_zero)
+        return codes
+
+    for m in mults:
+        scale = (base_scale.to(torch.float32) * m).to(torch.float16)
+        zero = None
+        if not symmetric:
+            safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(torch.float32)
+            zero = torch.round(-lo * m / safe).clamp(0, qmax).to(torch.uint8)
+        codes = consider(scale, zero)
+        # Refit the scale to these codes (weighted least squares), then re-round the codes.
+        refit = _lsq_scale(groups, codes, zero, wts)
+        if symmetric:
+            refit = torch.where(refit.to(torch.float32) * base_scale.to(torch.float32) > 0, refit, scale)
+        else:
+            refit = torch.where(refit > 0, refit, scale)
+        consider(refit, zero)
+    return best_codes, best_scale, best_zero
+
+
+def quantize_int_importance(name: str, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor) -> QuantizedTensor:
+    """int4 / int8 RTN whose per-group scale minimises importance-weighted squared error."""
+    w = as_rows(weight)
+    rows, cols = w.shape
+    imp = importance.detach().reshape(-1).to(torch.float32).to(w.device)
+    if imp.numel() != cols:
+        raise ImportanceError(f"{name}: importance has {imp.numel()} entries but the tensor has {cols} input columns")
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ImportanceError(f"{name}: importance must be finite and non-negative")
+    # Columns never seen active still deserve a little weight, so that their weights are not
+    # thrown away entirely (llama.cpp adds sigma2 for the same reason).
+    mean = imp.mean()
+    imp = imp + (1e-3 * mean if mean > 0 else 1.0)
+    g = scheme.effective_group or cols
+    wts_all = imp.reshape(cols // g, g)
+    codes_out, scales_out, zeros_out = [], [], []
+    for r0 in range(0, rows, ROW_CHUNK):
+        groups = group_view(w[r0:r0 + ROW_CHUNK], scheme.effective_group)
+        c, s, z = _importance_search(groups, wts_all.unsqueeze(0), scheme.bits, scheme.symmetric)
+        codes_out.append(c.reshape(groups.shape[0], -1))
+        scales_out.append(s)
+        if z is not None:
+            zeros_out.append(z)
+    return QuantizedTensor(
+        name=name,
+        shape=tuple(weight.shape),
+        scheme=scheme,
+        codes=torch.cat(codes_out),
+        scales=torch.cat(scales_out),
+        zero_points=torch.cat(zeros_out) if zeros_out else None,
+        info={"importance": True},
+    )
+
+
+def quantize_rtn(name: str, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """RTN for any quantized scheme; importance-weighted scale search when the scheme asks for it
+    and ``importance`` (mean squared activation per input column) is given. fp8 ignores it."""
     if scheme.type == "fp8":
         return quantize_fp8(name, weight, scheme)
     if scheme.type in ("int4", "int8"):
+        if scheme.importance and importance is not None:
+            return quantize_int_importance(name, weight, scheme, importance)
         return quantize_int(name, weight, scheme)
     raise ValueError(f"{name}: scheme {scheme.type!r} is not quantized")

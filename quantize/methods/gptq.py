@@ -1,0 +1,149 @@
+"""GPTQ (Frantar et al. 2022, arXiv 2210.17323, Algorithm 1) as a pure tensor function.
+
+Weights (rows = outputs, cols = inputs) and the inputs' second moment ``H = E[x x^T]`` in;
+a ``QuantizedTensor`` out whose codes sit in the same grid as RTN's (int4 / int8, symmetric or
+not) with fp16 scales, so ``codes * scale`` is exactly what the fake-quantized model computes
+and what GGUF Q4_0 / Q8_0 or compressed-tensors blocks hold.
+
+Details:
+- dampening: ``scheme.dampening * mean(diag H)`` added to the diagonal;
+- dead columns (``diag H == 0``, inputs never active in calibration) get ``H[j, j] = 1`` so
+  they are rounded to nearest and pass no error on (their weights are kept, not zeroed, since
+  other data may use them);
+- ``act_order``: columns processed by decreasing ``diag H``; group scales are computed first
+  from the original column order ("static groups"), so the output is still a plain grouped
+  layout (no ``g_idx``);
+- without act-order, a group's scale is chosen when its first column is reached, from the
+  weights as already updated by the error feedback (as in the reference implementation);
+- lazy batch updates of ``scheme.block_size`` columns;
+- a Hessian that is not positive definite after dampening (or not finite) falls back to RTN
+  for this tensor; ``info["fallback"]`` records why.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from quantize.errors import QuantizeError
+from quantize.methods.rtn import as_rows, group_view, int_scales, quantize_rtn
+from quantize.qtensor import QuantizedTensor
+from quantize.schemes import QuantScheme
+
+log = logging.getLogger(__name__)
+
+
+class HessianShapeError(QuantizeError):
+    """The Hessian given for a tensor does not match its input width."""
+
+
+def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
+    if scheme.type not in ("int4", "int8"):
+        raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
+    w = as_rows(weight).clone()
+    rows, cols = w.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise HessianShapeError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
+    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    if not torch.isfinite(h).all():
+        return _fallback(name, weight, scheme, h, "hessian has non-finite entries")
+
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    g_size = scheme.effective_group or cols
+    group_view(w, g_size)  # validates divisibility with a clear message
+    bits, sym = scheme.bits, scheme.symmetric
+
+    perm = None
+    scales = torch.zeros(rows, cols // g_size, dtype=torch.float16, device=w.device)
+    zeros = None if sym else torch.zeros(rows, cols // g_size, dtype=torch.uint8, device=w.device)
+    if scheme.act_order:
+        # Static groups: scales from the original order, before any error feedback.
+        s0, z0 = int_scales(group_view(w, g_size), bits, sym)
+        scales.copy_(s0)
+        if zeros is not None:
+            zeros.copy_(z0)
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+
+    damp = scheme.dampening * torch.diagonal(h).mean()
+    h.diagonal().add_(damp)
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        return _fallback(name, weight, scheme, hessian, f"hessian not positive definite (cholesky failed at column {info.item()}) after dampening {scheme.dampening}")
+    hinv = torch.cholesky_inverse(chol)
+    hinv, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if info.item() != 0 or not torch.isfinite(hinv).all():
+        return _fallback(name, weight, scheme, hessian, "inverse hessian not positive definite")
+
+    orig_idx = perm.tolist() if perm is not None else list(range(cols))
+    if sym:
+        lo_q, hi_q = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        lo_q, hi_q = 0, (1 << bits) - 1
+    codes = torch.zeros(rows, cols, dtype=torch.int16, device=w.device)
+    loss = torch.zeros(rows, dtype=torch.float64, device=w.device)
+    block = scheme.block_size
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            orig = orig_idx[j]
+            g = orig // g_size
+            if perm is None and orig % g_size == 0:
+                # Dynamic group scale from the freshest weights: in-block columns are updated in
+                # w1, the rest of the group (if it runs past the block) still lives in w.
+                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g_size]
+                s, z = int_scales(cur.unsqueeze(1), bits, sym)
+                scales[:, g] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = z[:, 0]
+            s = scales[:, g].to(torch.float32)
+            inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+            col = w1[:, i]
+            if zeros is None:
+                q = torch.round(col * inv).clamp(lo_q, hi_q)
+                dq = q * s
+            else:
+                zf = zeros[:, g].to(torch.float32)
+                q = torch.round(col * inv + zf).clamp(lo_q, hi_q)
+                dq = (q - zf) * s
+            codes[:, j] = q.to(torch.int16)
+            d = hinv1[i, i]
+            err = (col - dq) / d
+            loss += (err.double() ** 2) / 2
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    if perm is not None:
+        unperm = torch.empty_like(codes)
+        unperm[:, perm] = codes
+        codes = unperm
+    codes = codes.to(torch.int8 if sym else torch.uint8).cpu()
+    return QuantizedTensor(
+        name=name,
+        shape=tuple(weight.shape),
+        scheme=scheme,
+        codes=codes,
+        scales=scales.cpu(),
+        zero_points=zeros.cpu() if zeros is not None else None,
+        info={"method": "gptq", "act_order": scheme.act_order, "dead_columns": int(dead.sum()), "loss": float(loss.sum())},
+    )
+
+
+def _fallback(name: str, weight: torch.Tensor, scheme: QuantScheme, hessian: torch.Tensor, why: str) -> QuantizedTensor:
+    log.warning("%s: GPTQ falls back to RTN: %s", name, why)
+    importance = None
+    if scheme.importance:
+        d = torch.diagonal(hessian).to(torch.float32)
+        if torch.isfinite(d).all() and (d >= 0).all():
+            importance = d.cpu()
+    qt = quantize_rtn(name, weight.detach().cpu(), scheme, importance=importance)
+    qt.info["fallback"] = f"rtn: {why}"
+    return qt

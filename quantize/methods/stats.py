@@ -1,0 +1,72 @@
+"""Activation statistics that the algorithms consume: GPTQ's Hessian and per-column moments.
+
+Small accumulators fed with the inputs of a linear layer, flattened to (tokens, in_features).
+They hold running means rather than sums so that fp32 stays accurate over many tokens (the same
+update GPTQ's reference code uses: ``H *= n / (n + m); H += x^T x / (n + m)``).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _flat(x: torch.Tensor, cols: int) -> torch.Tensor:
+    if x.shape[-1] != cols:
+        raise ValueError(f"activation width {x.shape[-1]} does not match {cols} columns")
+    return x.detach().reshape(-1, cols)
+
+
+class HessianAccumulator:
+    """Running ``E[x x^T]`` over tokens: the Hessian of the layer-wise squared error up to a factor 2.
+
+    GPTQ is invariant to that factor (the dampening is relative to the mean diagonal), so the
+    plain second moment is kept; ``diag()`` is then exactly the importance vector (mean x^2).
+    """
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.cols = cols
+        self.n = 0
+        self.h = torch.zeros(cols, cols, device=device, dtype=dtype)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = _flat(x, self.cols).to(device=self.h.device, dtype=self.h.dtype)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.h.mul_(self.n / (self.n + m))
+        self.h.addmm_(x.t(), x, alpha=1.0 / (self.n + m))
+        self.n += m
+
+    def hessian(self) -> torch.Tensor:
+        """fp32 (cols, cols) second moment; zeros if nothing was seen."""
+        return self.h.to(torch.float32)
+
+    def diag(self) -> torch.Tensor:
+        return torch.diagonal(self.h).to(torch.float32).clone()
+
+
+class ActStats:
+    """Per-column mean of x^2 (importance, llama.cpp's imatrix) and mean |x| (AWQ), plus amax."""
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu"):
+        self.cols = cols
+        self.n = 0
+        self.sum_sq = torch.zeros(cols, device=device, dtype=torch.float64)
+        self.sum_abs = torch.zeros(cols, device=device, dtype=torch.float64)
+        self.amax = torch.zeros(cols, device=device, dtype=torch.float32)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = _flat(x, self.cols).to(self.sum_sq.device)
+        xf = x.to(torch.float32)
+        self.sum_sq += (xf * xf).sum(0).to(torch.float64)
+        self.sum_abs += xf.abs().sum(0).to(torch.float64)
+        if x.shape[0]:
+            self.amax = torch.maximum(self.amax, xf.abs().amax(0))
+        self.n += x.shape[0]
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return (self.sum_sq / max(self.n, 1)).to(torch.float32)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.sum_abs / max(self.n, 1)).to(torch.float32)

@@ -1,0 +1,455 @@
+"""Sequential, layer-by-layer calibration and quantization of Gemma 3n's text decoder.
+
+The model runs once up to its first decoder layer (embeddings, vision and audio towers, the
+AltUp stream expansion, per-layer inputs, rotary tables and masks, all computed by the model's
+own code, see ``capture_layer_inputs``). Then for each decoder layer in turn:
+
+1. the layer is moved to ``device``; only its inputs for all calibration batches are alive;
+2. AWQ scales (if asked) are searched on the float layer and absorbed where that is exact;
+3. the layer runs on every batch with float weights; its outputs are kept as the reference;
+4. "true sequential" stages: q/k/v (one shared input), o_proj, gate/up (one shared input),
+   down_proj. For each stage the layer runs again with the earlier stages already quantized,
+   hooks collect the stage's input statistics (Hessian for GPTQ, mean x^2 / mean |x| for
+   importance RTN and AWQ), the stage's linears are quantized and their dequantized weights
+   are written into the module, so the model computes the fake-quantized function;
+5. the quantized layer's outputs become the next layer's inputs.
+
+Gemma 3n specifics: the hidden state is AltUp's 4 streams (4, B, T, D); every layer gets its
+slice of the per-layer inputs, the rotary table and mask of its attention type, and a
+``KVSharingDict`` per batch that lives across layers: KV "store" layers write their K/V into it
+when they run with quantized weights, and "reuse" (consumer) layers read it, so consumers are
+calibrated on exactly the K/V the quantized producer computes, as at inference. Consumers have
+no k/v modules, so their dead checkpoint weights are never seen here. Activation sparsity is
+the model's own code and stays as it is.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from quantize.errors import QuantizeError
+from quantize.kv_cache import KVRange
+from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
+from quantize.methods.gptq import gptq_quantize
+from quantize.methods.rtn import quantize_rtn
+from quantize.methods.stats import ActStats, HessianAccumulator
+from quantize.qtensor import QuantizedTensor
+from quantize.schemes import QuantScheme
+
+log = logging.getLogger(__name__)
+
+PREFIX = "model.language_model.layers"
+# Stages in the order a layer computes them: (stage name, linears sharing one input).
+STAGES = (
+    ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("attn_out", ("self_attn.o_proj",)),
+    ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp_out", ("mlp.down_proj",)),
+)
+LINEARS = tuple(m for _, ms in STAGES for m in ms)
+_NAME_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(" + "|".join(re.escape(m) for m in LINEARS) + r")\.weight$")
+
+
+class SequentialError(QuantizeError):
+    """The schemes, batches or model given to the sequential engine do not fit together."""
+
+
+@dataclass
+class SequentialResult:
+    """What the engine produced.
+
+    - ``tensors``: a ``QuantizedTensor`` per quantized checkpoint name;
+    - ``updated``: float tensors the engine changed without quantizing them (AWQ divides
+      ``pre_feedforward_layernorm.weight`` by its scales); writers must take these instead of
+      the checkpoint's values. (up_proj/down_proj/gate_proj changes are inside ``tensors``.)
+    - ``report``: per layer (int): seconds, methods, fallbacks, notes and the relative error of
+      the quantized layer's output against the float layer on the same inputs;
+    - ``kv_scales``: with ``kv_fp8``, ``{producer layer: (k_scale, v_scale)}`` per KV-sharing
+      group (shared by its consumers); ``layer_kv_scales`` has every layer's cache scales, the
+      consumers' pointing at their producer's values.
+    """
+
+    tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
+    updated: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+    layer_kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _BatchContext:
+    """Everything layer i needs for one batch besides the hidden states (shared by all layers)."""
+
+    position_embeddings: dict  # layer type -> (cos, sin)
+    masks: dict  # layer type -> mask (or None)
+    per_layer_inputs: torch.Tensor  # (B, T, L, P)
+    position_ids: torch.Tensor | None
+    kwargs: dict
+    shared_kv: object  # KVSharingDict: persists across layers
+
+
+class _StopForward(Exception):
+    pass
+
+
+def text_linear_name(layer: int, module: str) -> str:
+    return f"{PREFIX}.{layer}.{module}.weight"
+
+
+def validate_schemes(model, schemes: Mapping[str, QuantScheme]) -> dict[int, dict[str, QuantScheme]]:
+    """Schemes grouped by layer and module path; unknown or absent (dead) names are refused."""
+    layers = model.model.language_model.layers
+    out: dict[int, dict[str, QuantScheme]] = {}
+    for name, scheme in schemes.items():
+        m = _NAME_RE.match(name)
+        if not m:
+            raise SequentialError(
+                f"{name!r} is not a text-decoder linear; the sequential engine quantizes "
+                f"{PREFIX}.N.{{{', '.join(LINEARS)}}}.weight only"
+            )
+        i, path = int(m.group(1)), m.group(2)
+        if i >= len(layers):
+            raise SequentialError(f"{name!r}: the model has {len(layers)} decoder layers")
+        try:
+            layers[i].get_submodule(path)
+        except AttributeError:
+            raise SequentialError(
+                f"{name!r}: layer {i} has no {path} module (a KV-consumer layer's k/v are dead weights: "
+                "they are never calibrated or quantized; leave them out of the schemes)"
+            ) from None
+        if not isinstance(scheme, QuantScheme):
+            raise SequentialError(f"{name!r}: scheme must be a QuantScheme, got {type(scheme).__name__}")
+        if scheme.is_quantized:
+            out.setdefault(i, {})[path] = scheme
+    return out
+
+
+def _model_device(model) -> torch.device:
+    return model.model.language_model.embed_tokens.weight.device
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, batches: Sequence[dict], device) -> tuple[list[torch.Tensor], list[_BatchContext]]:
+    """Layer 0's hidden states and every layer's side inputs, per batch, from the model's own forward.
+
+    Each decoder layer's ``forward`` is replaced for the duration by a recorder that keeps the
+    arguments ``Gemma3nTextModel.forward`` passes and returns its input unchanged; the last
+    layer's recorder stops the forward, so the norm and the LM head never run.
+    """
+    from transformers.cache_utils import KVSharingDict
+
+    lm = model.model.language_model
+    layers = lm.layers
+    types = lm.config.layer_types
+    n = len(layers)
+    seen: list = []
+
+    def recorder(i):
+        def forward(*args, **kwargs):
+            seen.append((i, args, kwargs))
+            if i == n - 1:
+                raise _StopForward
+            return args[0]
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    hidden, contexts = [], []
+    src = _model_device(model)
+    try:
+        for b, batch in enumerate(batches):
+            if "input_ids" not in batch and "inputs_embeds" not in batch:
+                raise SequentialError(f"calibration batch {b} has neither input_ids nor inputs_embeds (keys: {sorted(batch)})")
+            inputs = {k: _to(v, src) for k, v in batch.items() if k != "labels"}
+            seen.clear()
+            try:
+                model.model(**inputs, use_cache=False)
+            except _StopForward:
+                pass
+            if len(seen) != n:
+                raise SequentialError(f"calibration batch {b}: the forward reached {len(seen)} of {n} decoder layers")
+            pe, masks = {}, {}
+            for i, args, kwargs in seen:
+                t = types[i]
+                pe.setdefault(t, args[1] if len(args) > 1 else kwargs["position_embeddings"])
+                masks.setdefault(t, kwargs.get("attention_mask"))
+            _, args0, kw0 = seen[0]
+            # Layer i reads per_layer_inputs[:, :, i, :]; stacking the slices back rebuilds it.
+            pli = torch.stack([(a[2] if len(a) > 2 else kw["per_layer_input"]) for _, a, kw in seen], dim=2)
+            extra = {k: v for k, v in kw0.items()
+                     if k not in ("attention_mask", "position_ids", "shared_kv_states", "cache", "past_key_values",
+                                  "position_embeddings", "per_layer_input")}
+            hidden.append(args0[0].to(device))
+            contexts.append(_BatchContext(
+                position_embeddings=_to(pe, device),
+                masks=_to(masks, device),
+                per_layer_inputs=pli.to(device),
+                position_ids=_to(kw0.get("position_ids"), device),
+                kwargs=extra,
+                shared_kv=KVSharingDict(),
+            ))
+            seen.clear()
+    finally:
+        for layer in layers:
+            if "forward" in layer.__dict__:
+                del layer.forward
+    return hidden, contexts
+
+
+def _run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContext) -> torch.Tensor:
+    """One decoder layer on one batch, with exactly the arguments Gemma3nTextModel.forward passes."""
+    return layer(
+        h,
+        ctx.position_embeddings[layer_type],
+        ctx.per_layer_inputs[:, :, i, :],
+        shared_kv_states=ctx.shared_kv,
+        attention_mask=ctx.masks[layer_type],
+        position_ids=ctx.position_ids,
+        cache=None,
+        **ctx.kwargs,
+    )
+
+
+def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
+    """Input statistics of the given linears (each read by a forward pre-hook) over all batches."""
+    stats = {}
+    handles = []
+    for path in module_paths:
+        mod = layer.get_submodule(path)
+        cols = mod.in_features
+        dev = mod.weight.device
+        st = (ActStats(cols, dev), HessianAccumulator(cols, dev) if hessian else None)
+        stats[path] = st
+
+        def hook(_m, args, st=st):
+            x = args[0]
+            st[0].add(x)
+            if st[1] is not None:
+                st[1].add(x)
+        handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        run_all()
+    finally:
+        for hd in handles:
+            hd.remove()
+    return stats
+
+
+def _quantize_one(name: str, weight: torch.Tensor, scheme: QuantScheme, st) -> QuantizedTensor:
+    acts, hess = st if st is not None else (None, None)
+    importance = acts.mean_sq.cpu() if (acts is not None and scheme.importance) else None
+    if scheme.method == "gptq":
+        if hess is None or hess.n == 0:
+            qt = quantize_rtn(name, weight.cpu(), scheme, importance=importance)
+            qt.info["fallback"] = "rtn: no calibration tokens reached this linear"
+            return qt
+        return gptq_quantize(name, weight, hess.hessian(), scheme)
+    return quantize_rtn(name, weight.detach().cpu(), scheme, importance=importance)
+
+
+@torch.no_grad()
+def quantize_text_decoder(
+    model,
+    schemes: Mapping[str, QuantScheme],
+    batches: Sequence[dict],
+    device: str | torch.device = "cpu",
+    kv_fp8: bool = False,
+    progress: bool = True,
+) -> SequentialResult:
+    """Calibrate and quantize the text decoder's linears layer by layer (see the module doc).
+
+    ``model``: a loaded ``Gemma3nForConditionalGeneration``; its decoder weights are replaced in
+    place by their fake-quantized values. ``schemes``: checkpoint name -> scheme for the linears
+    to quantize here (others stay as they are). ``batches``: model input dicts.
+    """
+    from tqdm.auto import tqdm
+
+    if not batches:
+        raise SequentialError("no calibration batches: the sequential engine needs at least one")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SequentialError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+    by_layer = validate_schemes(model, schemes)
+    model.eval()
+    lm = model.model.language_model
+    cfg = lm.config
+    types = cfg.layer_types
+    modes = cfg.kv_sharing_modes if hasattr(cfg, "kv_sharing_modes") else ["own"] * len(lm.layers)
+    result = SequentialResult()
+
+    hidden, contexts = capture_layer_inputs(model, batches, device)
+    kv_ranges: dict[int, KVRange] = {}
+    producer_of_type: dict[str, int] = {}
+
+    bar = tqdm(range(len(lm.layers)), desc="quantizing text decoder", unit="layer", disable=not progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        layer = lm.layers[i]
+        home = layer.self_attn.q_proj.weight.device
+        layer.to(device)
+        lt = types[i]
+        wanted = by_layer.get(i, {})
+        rep = {"methods": {}, "fallbacks": {}, "notes": []}
+
+        def run_all(store: list | None = None, kv: KVRange | None = None):
+            for b, ctx in enumerate(contexts):
+                out = _run_layer(layer, i, lt, hidden[b], ctx)
+                if store is not None:
+                    store.append(out)
+                if kv is not None and modes[i] == "store":
+                    kv.add(*ctx.shared_kv[lt])
+
+        if wanted:
+            _awq(layer, i, wanted, run_all, result, rep)
+        reference: list[torch.Tensor] = []
+        first_stats = None
+        stage0 = [p for p in STAGES[0][1] if p in wanted]
+        if stage0:
+            first_stats = _collect(layer, lambda: run_all(reference), [STAGES[0][1][0]], _needs_hessian(wanted, stage0))
+        elif wanted:
+            run_all(reference)
+        for s_idx, (stage, paths) in enumerate(STAGES):
+            todo = [p for p in paths if p in wanted]
+            if not todo:
+                continue
+            if s_idx == 0:
+                st = first_stats[paths[0]]
+            elif _needs_stats(wanted, todo):
+                st = _collect(layer, run_all, [paths[0]], _needs_hessian(wanted, todo))[paths[0]]
+            else:
+                st = None
+            for p in todo:
+                name = text_linear_name(i, p)
+                mod = layer.get_submodule(p)
+                scheme = wanted[p]
+                qt = _quantize_one(name, mod.weight.data, scheme, st)
+                mod.weight.data.copy_(qt.dequantize().to(device=mod.weight.device, dtype=mod.weight.dtype))
+                result.tensors[name] = qt
+                rep["methods"][p] = scheme.label()
+                if "fallback" in qt.info:
+                    rep["fallbacks"][p] = qt.info["fallback"]
+        # Final pass: the quantized layer's outputs feed the next layer; store layers write the
+        # quantized K/V into the shared dicts for their consumers.
+        kv = None
+        if kv_fp8 and modes[i] != "reuse":
+            kv = kv_ranges.setdefault(i, KVRange())
+        new_hidden: list[torch.Tensor] = []
+        if kv is not None and modes[i] != "store":
+            handles = _kv_hooks(layer, contexts, lt, kv)
+            try:
+                run_all(new_hidden)
+            finally:
+                for hd in handles:
+                    hd.remove()
+        else:
+            run_all(new_hidden, kv)
+        if modes[i] == "store":
+            producer_of_type[lt] = i
+        if reference:
+            num = sum(float(((a - r) ** 2).sum()) for a, r in zip(new_hidden, reference))
+            den = sum(float((r ** 2).sum()) for r in reference)
+            rep["rel_error"] = math.sqrt(num / den) if den > 0 else 0.0
+        else:
+            rep["rel_error"] = 0.0
+        hidden = new_hidden
+        del reference
+        layer.to(home)
+        rep["seconds"] = round(time.perf_counter() - t0, 3)
+        result.report[i] = rep
+        for p, why in rep["fallbacks"].items():
+            log.warning("layer %d %s: %s", i, p, why)
+
+    if kv_fp8:
+        for i, r in kv_ranges.items():
+            result.layer_kv_scales[i] = r.scales()
+        for i, mode in enumerate(modes):
+            if mode == "store":
+                result.kv_scales[i] = result.layer_kv_scales[i]
+            elif mode == "reuse":
+                result.layer_kv_scales[i] = result.layer_kv_scales[producer_of_type[types[i]]]
+    return result
+
+
+def _needs_hessian(wanted: Mapping[str, QuantScheme], paths) -> bool:
+    return any(wanted[p].method == "gptq" for p in paths)
+
+
+def _needs_stats(wanted: Mapping[str, QuantScheme], paths) -> bool:
+    return any(wanted[p].method == "gptq" or wanted[p].importance for p in paths)
+
+
+def _kv_hooks(layer, contexts, layer_type, kv: KVRange):
+    """K/V ranges of a layer that keeps its own cache: k after k_norm and RoPE, v after v_norm."""
+    from transformers.models.gemma3n.modeling_gemma3n import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    pending = {}
+    batch_idx = {"b": -1}
+
+    def pre(_m, args, kwargs):
+        batch_idx["b"] += 1
+
+    def k_hook(_m, _a, out):
+        cos, sin = contexts[batch_idx["b"]].position_embeddings[layer_type]
+        pending["k"] = apply_rotary_pos_emb(out, cos, sin, unsqueeze_dim=2)
+
+    def v_hook(_m, _a, out):
+        kv.add(pending.pop("k"), out)
+
+    return [
+        attn.register_forward_pre_hook(pre, with_kwargs=True),
+        attn.k_norm.register_forward_hook(k_hook),
+        attn.v_norm.register_forward_hook(v_hook),
+    ]
+
+
+def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: dict) -> None:
+    """Search and absorb AWQ scales where Gemma 3n allows it (see quantize.methods.awq)."""
+    awq_paths = [p for p, s in wanted.items() if s.method == "awq"]
+    if not awq_paths:
+        return
+    for p in awq_paths:
+        if not p.startswith("mlp."):
+            rep["notes"].append(f"{p}: AWQ needs an op that can absorb 1/s; none exists for attention inputs in Gemma 3n, rounded to nearest")
+    mlp = layer.mlp
+    want_in = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in awq_paths]
+    want_out = "mlp.down_proj" in awq_paths
+    if not want_in and not want_out:
+        return
+    stats = _collect(layer, run_all, ["mlp.gate_proj", "mlp.down_proj"], hessian=False)
+    if want_in:
+        acts = stats["mlp.gate_proj"][0]
+        scheme = wanted[want_in[0]]
+        s = awq_search([mlp.gate_proj.weight.data, mlp.up_proj.weight.data], acts.mean_abs, scheme, acts.mean_sq).to(mlp.gate_proj.weight.device)
+        norm = layer.pre_feedforward_layernorm
+        new_norm, (g, u) = absorb_into_norm(norm.weight.data, [mlp.gate_proj.weight.data, mlp.up_proj.weight.data], s)
+        norm.weight.data.copy_(new_norm)
+        mlp.gate_proj.weight.data.copy_(g)
+        mlp.up_proj.weight.data.copy_(u)
+        result.updated[f"{PREFIX}.{i}.pre_feedforward_layernorm.weight"] = new_norm.detach().cpu().clone()
+    if want_out:
+        acts = stats["mlp.down_proj"][0]
+        s = awq_search([mlp.down_proj.weight.data], acts.mean_abs, wanted["mlp.down_proj"], acts.mean_sq).to(mlp.down_proj.weight.device)
+        u, d = absorb_into_linear(mlp.up_proj.weight.data, mlp.down_proj.weight.data, s)
+        mlp.up_proj.weight.data.copy_(u)
+        mlp.down_proj.weight.data.copy_(d)
+        if "mlp.up_proj" not in wanted:
+            result.updated[f"{PREFIX}.{i}.mlp.up_proj.weight"] = u.detach().cpu().clone()
