@@ -1,0 +1,313 @@
+"""GGUF export, checked against independent references: ``gguf``'s reference (de)quantizers and
+tensor-name map, ``GGUFReader`` on the written file, and hand-built configs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T, GGUFReader, TokenType, quants as gq
+
+from quantize.errors import ExportError
+from quantize.formats.base import ExportContext
+from quantize.formats.gguf import blocks, kquants, mixes, write_gguf
+from quantize.formats.gguf.names import TEXT_RULES, VISION_RULES, map_name
+from quantize.formats.gguf.writer import plan_text
+from quantize.llamacpp_layout import check_layout, validate_layout
+from quantize.methods.rtn import quantize_rtn
+from quantize.model import Checkpoint
+from quantize.plan import build_plan
+from quantize.recipe import parse_recipe
+from quantize.schemes import resolve_scheme
+from quantize.source import TensorSource
+
+KEEP_ALL = {"text": "keep", "token_embeddings": "keep", "per_layer_embeddings": "keep", "vision": "keep", "audio": "keep"}
+
+
+def make_ctx(folder, out, mix="F32", towers=None, mmproj=False, force=False, precomputed=None, importance=None, **gguf_opts):
+    r = parse_recipe({
+        "name": "t", "model": str(folder), "output": str(out), "towers": towers or KEEP_ALL,
+        "exports": {"gguf": {"mix": mix, "mmproj": mmproj, "force": force, **gguf_opts}},
+    })
+    ck = Checkpoint(folder)
+    plan = build_plan(r, ck)
+    src = TensorSource(ck, plan, precomputed=precomputed or {}, importance=importance or {})
+    return ExportContext(r, src, Path(out), {"recipe": "t", "model": str(folder)}), r.exports.gguf
+
+
+# ---------------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("preset,qtype", [
+    ("int4", T.Q4_0), ("int4_g128", T.Q4_0), ("int4_row", T.Q4_0),
+    ("int8", T.Q8_0), ("int8_row", T.Q8_0), ("int4_asym", T.Q4_1),
+])
+def test_exact_packing_decodes_to_our_dequantized_weights(preset, qtype):
+    torch.manual_seed(0)
+    w = torch.randn(24, 256) * 0.05
+    w[3] = 0  # an all-zero row (scale 0)
+    qt = quantize_rtn("w", w, resolve_scheme(preset))
+    assert blocks.exact_type(qt) == qtype
+    raw = blocks.pack_exact(qt, qtype)
+    assert raw.shape == (24, blocks.row_bytes(qtype, 256))
+    decoded = gq.dequantize(raw, qtype)  # gguf's reference dequantizer
+    ours = qt.dequantize().numpy()
+    if qtype == T.Q4_1:
+        # m = -scale * zero is stored in fp16: off by at most half an fp16 ulp of m
+        m = (qt.scales.float() * qt.zero_points.float()).numpy()
+        tol = np.repeat(np.abs(m) * 2.0**-11, qt.group_size, axis=1) + 1e-12
+        assert np.all(np.abs(decoded - ours) <= tol)
+    else:
+        np.testing.assert_array_equal(decoded, ours)
+
+
+def test_exact_type_refuses_what_blocks_cannot_hold():
+    w = torch.randn(4, 48)
+    assert blocks.exact_type(quantize_rtn("w", w, resolve_scheme("int8_row"))) is None  # 48 columns
+    fp8 = quantize_rtn("w", torch.randn(4, 64), resolve_scheme("fp8"))
+    assert blocks.exact_type(fp8) is None
+    with pytest.raises(ValueError, match="without re-quantizing"):
+        blocks.pack_exact(fp8, T.Q8_0)
+
+
+def _rel_err(a, b):
+    return float(np.sqrt(((a - b) ** 2).mean() / (b**2).mean()))
+
+
+@pytest.mark.parametrize("qtype,legacy", [(T.Q4_K, T.Q4_0), (T.Q5_K, T.Q5_0), (T.Q6_K, T.Q8_0)])
+def test_kquant_encoder_against_gguf_dequantizer(qtype, legacy):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((32, 512)) * 0.02).astype(np.float32)
+    w[:, 7] *= 20  # an outlier column
+    w[5] = 0  # all zeros
+    w[6] = 0.013  # constant row
+    raw = kquants.encode_kquant(w, qtype)
+    assert raw.shape == (32, 2 * kquants.BYTES[qtype])
+    dec = gq.dequantize(raw, qtype)
+    np.testing.assert_array_equal(dec[5], 0)
+    np.testing.assert_allclose(dec[6], 0.013, rtol=2e-2)
+    # better than the legacy type of the same or more bits, from gguf's own reference quantizer
+    ref = gq.dequantize(gq.quantize(w, legacy), legacy)
+    if qtype == T.Q6_K:
+        assert _rel_err(dec, w) < 0.03
+    else:
+        assert _rel_err(dec, w) < _rel_err(ref, w)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_kquant_importance_lowers_error_where_it_matters(qtype):
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((64, 256)) * 0.02).astype(np.float32)
+    imp = np.ones(256, np.float32)
+    imp[::8] = 1000.0  # one column in eight carries the activations (as an imatrix would say)
+    plain = gq.dequantize(kquants.encode_kquant(w, qtype), qtype)
+    weighted = gq.dequantize(kquants.encode_kquant(w, qtype, imp), qtype)
+    err = lambda d: float(((d - w)[:, ::8] ** 2).mean())  # noqa: E731
+    assert err(weighted) < 0.6 * err(plain)
+
+
+def test_mixes_follow_llama_cpp_rules():
+    n = 35
+    ch = lambda name, layer, mix, cols=2048: mixes.choose(name, 2, cols, layer, n, mix, None, "BF16")  # noqa: E731
+    assert ch("token_embd.weight", None, "Q4_K_M").qtype == T.Q6_K
+    assert ch("token_embd.weight", None, "Q8_0").qtype == T.Q8_0
+    assert ch("blk.0.ffn_down.weight", 0, "Q4_K_M").qtype == T.Q6_K  # first eighth: more bits
+    assert ch("blk.5.ffn_down.weight", 5, "Q4_K_M").qtype == T.Q4_K
+    assert ch("blk.6.attn_v.weight", 6, "Q4_K_M").qtype == T.Q6_K  # (6 - 4) % 3 == 2
+    assert ch("blk.5.attn_q.weight", 5, "Q4_K_M").qtype == T.Q4_K
+    assert ch("blk.5.attn_q.weight", 5, "Q4_K_M", cols=2080).qtype == T.Q5_0  # llama.cpp's fallback
+    assert ch("blk.5.laurel_l.weight", 5, "Q4_K_M").qtype == T.F16  # never quantized by llama.cpp
+    assert ch("altup_proj.weight", None, "Q4_0").qtype == T.F16
+    gptq = resolve_scheme("int4_gptq")
+    c = mixes.choose("blk.1.attn_q.weight", 2, 2048, 1, n, "Q4_0", gptq, "BF16")
+    assert c.qtype == T.Q4_0 and c.exact
+    c = mixes.choose("blk.1.attn_q.weight", 2, 2048, 1, n, "auto", resolve_scheme("fp8"), "BF16")
+    assert c.qtype == T.F16 and "fp8" in c.note
+
+
+# ---------------------------------------------------------------------------------- names
+
+
+def test_name_table_covers_the_tiny_checkpoint_and_agrees_with_gguf(tiny_random):
+    import gguf
+
+    ck = Checkpoint(tiny_random)
+    n = ck.text_config["num_hidden_layers"]
+    ref = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, n)
+    checked = 0
+    for name in ck.tensors:
+        if "vision_tower" in name or "embed_vision" in name:
+            assert map_name(name, VISION_RULES) is not None, name
+            continue
+        if "audio" in name:
+            continue
+        m = map_name(name, TEXT_RULES)
+        assert m is not None, name
+        if m.gguf is None or m.transform == "stack":
+            continue
+        hf = name.replace("model.language_model.", "model.").removesuffix(".weight")
+        theirs = ref.get_name(hf, try_suffixes=(".weight",)) or ref.get_name(hf + ".weight", try_suffixes=(".weight",))
+        if theirs is not None:  # gguf's map knows most names; where it does, we must agree
+            assert theirs.removesuffix(".weight") == m.gguf.removesuffix(".weight"), name
+            checked += 1
+    assert checked > 400
+
+
+def test_text_plan_has_every_tensor_llama_cpp_loads(tiny_random, tmp_path):
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q4_K_M")
+    plan = plan_text(ctx, opts)
+    names = {t.gguf: t for t in plan.targets}
+    tc = ctx.source.config["text_config"]
+    for i in range(tc["num_hidden_layers"]):
+        for leaf in ("attn_k", "attn_v", "attn_q", "ffn_down", "laurel_l", "altup_router", "inp_gate"):
+            assert f"blk.{i}.{leaf}.weight" in names
+    assert names["per_layer_token_embd.weight"].shape == (4352, 25 * 256)  # padded from 4096 rows
+    assert names["per_layer_token_embd.weight"].pad_rows == 4352 - 4096
+    assert names["altup_proj.weight"].shape == (3, 256, 256)
+    # KV-shared layers' k/v are zero placeholders in the cheapest type
+    ph = names["blk.20.attn_k.weight"]
+    assert ph.sources == () and ph.choice.qtype == T.Q1_0
+    assert names["blk.19.attn_k.weight"].sources
+
+
+# ---------------------------------------------------------------------------------- layout
+
+
+def test_layout_of_the_tiny_model_matches_llama_cpp(tiny_random):
+    assert check_layout(Checkpoint(tiny_random).text_config) == []
+
+
+def test_layout_mismatch_lists_each_difference(tiny_random):
+    tc = dict(Checkpoint(tiny_random).text_config)
+    tc["num_kv_shared_layers"] = 4
+    tc["laurel_rank"] = 32
+    tc["activation_sparsity_pattern"] = [0.95] * 5 + [0.0] * 20
+    with pytest.raises(ExportError) as e:
+        validate_layout(tc, force=False)
+    msg = str(e.value)
+    for key in ("num_kv_shared_layers", "laurel_rank", "activation_sparsity_pattern"):
+        assert key in msg
+    assert "3 mismatch" in msg
+    assert len(validate_layout(tc, force=True)) == 3
+
+
+def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"].update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_write_refuses_bad_layout_and_force_records_it(tiny_random, tmp_path):
+    bad = _copy_with_config(Path(tiny_random), tmp_path / "bad", num_kv_shared_layers=4)
+    out = tmp_path / "out"
+    ctx, opts = make_ctx(bad, out, "Q8_0")
+    with pytest.raises(ExportError, match="num_kv_shared_layers: model has 4"):
+        write_gguf(ctx, opts)
+    assert not list(out.glob("*")) if out.exists() else True
+    ctx, opts = make_ctx(bad, out, "Q8_0", force=True)
+    (path,) = write_gguf(ctx, opts)
+    r = GGUFReader(path)
+    warn = r.fields["quantize.warnings"]
+    text = [bytes(warn.parts[i]).decode() for i in warn.data]
+    assert any("num_kv_shared_layers" in t for t in text)
+
+
+# ---------------------------------------------------------------------------------- file
+
+
+def _field(r: GGUFReader, key: str):
+    f = r.fields[key]
+    return f.contents()
+
+
+def test_written_file_metadata_vocab_and_tensors(tiny_random, tmp_path):
+    ctx, opts = make_ctx(tiny_random, tmp_path, "F32")
+    (path,) = write_gguf(ctx, opts)
+    assert path.name == "t-F32.gguf" and not list(tmp_path.glob("*.partial"))
+    r = GGUFReader(path)
+    assert _field(r, "general.architecture") == "gemma3n"
+    assert _field(r, "gemma3n.block_count") == 25
+    assert _field(r, "gemma3n.embedding_length_per_layer_input") == 256
+    assert _field(r, "gemma3n.attention.sliding_window_pattern")[:5] == [True, True, True, True, False]
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert len(tokens) == 4352
+    # independent reference: the HF tokenizer's own vocabulary
+    tj = json.loads((Path(tiny_random) / "tokenizer.json").read_text())
+    added = {t["id"]: t["content"] for t in tj["added_tokens"]}
+    assert tokens[4097] == added[4097] == "<image_soft_token>" and types[4097] == TokenType.CONTROL
+    assert tokens[2] == "<bos>" and _field(r, "tokenizer.ggml.bos_token_id") == 2
+    assert "start_of_turn" in _field(r, "tokenizer.chat_template")
+    assert "t" in _field(r, "quantize.source_model") or _field(r, "quantize.source_model")
+    t = {x.name: x for x in r.tensors}
+    emb = t["token_embd.weight"]
+    ref = Checkpoint(tiny_random).get("model.language_model.embed_tokens.weight").numpy()
+    np.testing.assert_array_equal(np.asarray(emb.data).reshape(ref.shape), ref)
+    ple = t["per_layer_token_embd.weight"]
+    data = np.asarray(ple.data).reshape(4352, -1)
+    np.testing.assert_array_equal(data[4096:], 0)
+    assert t["blk.20.attn_v.weight"].tensor_type == T.Q1_0
+    # block_q1_0 is {fp16 d; 128 sign bits}: all-zero bytes mean d = 0, so every weight is 0
+    assert not np.asarray(t["blk.20.attn_v.weight"].data).any()
+
+
+def test_gptq_codes_become_q4_0_bit_for_bit(tiny_random, tmp_path):
+    from quantize.methods.gptq import gptq_quantize
+
+    ck = Checkpoint(tiny_random)
+    name = "model.language_model.layers.3.mlp.down_proj.weight"
+    w = ck.get(name).float()
+    torch.manual_seed(0)
+    x = torch.randn(512, w.shape[1])
+    qt = gptq_quantize(name, w, x.T @ x / 512, resolve_scheme("int4_gptq"))
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q4_0", towers={**KEEP_ALL, "text": "int4_gptq"}, precomputed={name: qt},
+                         token_embeddings="Q8_0", per_layer_embeddings="Q8_0")
+    (path,) = write_gguf(ctx, opts)
+    t = {x.name: x for x in GGUFReader(path).tensors}["blk.3.ffn_down.weight"]
+    assert t.tensor_type == T.Q4_0
+    np.testing.assert_array_equal(gq.dequantize(t.data, T.Q4_0).reshape(qt.shape), qt.dequantize().numpy())
+
+
+def test_interrupted_write_leaves_no_gguf(tiny_random, tmp_path, monkeypatch):
+    from quantize.formats.gguf import writer
+
+    calls = {"n": 0}
+    real = writer.pack_target
+
+    def boom(ctx, t):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise KeyboardInterrupt
+        return real(ctx, t)
+
+    monkeypatch.setattr(writer, "pack_target", boom)
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0")
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(ctx, opts)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mmproj_refuses_text_width_mtmd_cannot_run(tiny_random, tmp_path):
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0", mmproj=True)
+    with pytest.raises(ExportError, match="text hidden_size 256 != vision hidden_size 2048"):
+        write_gguf(ctx, opts)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vision_names_reshape_layer_scales(tiny_random):
+    ck = Checkpoint(tiny_random)
+    gammas = [n for n in ck.tensors if n.endswith("layer_scale.gamma")]
+    assert gammas
+    for n in gammas:
+        m = map_name(n, VISION_RULES)
+        assert m.transform == "gamma4d" and m.gguf.startswith("v.blk.") and m.gguf.endswith("layer_scale.gamma")
+    assert map_name("model.embed_vision.embedding_projection.weight", VISION_RULES).gguf == "mm.input_projection.weight"
