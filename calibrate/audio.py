@@ -67,7 +67,9 @@ def decode_audio(data: bytes, where: str, max_seconds: float | None = None) -> t
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-        raise CalibrationError(where, f"unreadable audio ({type(e).__name__}: {e})") from None
+        # LibsndfileError's own text names the BytesIO object; its error_string says what failed.
+        reason = getattr(e, "error_string", None) or str(e)
+        raise CalibrationError(where, f"unreadable audio ({reason.rstrip('.')}; readable: wav, flac, ogg)") from None
     if wave.shape[0] == 0:
         raise CalibrationError(where, "audio file holds no samples")
     if max_seconds is not None:
@@ -108,7 +110,7 @@ def load_clips(src: AudioCalibration, n: int, seed: int) -> tuple[list[ClipItem]
         manifest = {"source": "files", "path": src.path, "n_files": len(files)}
     else:
         split, column = src.resolved_split, src.resolved_column
-        ds = load_hub_split(src.dataset, src.name, split, label)
+        ds = load_hub_split(src.dataset, src.name, split, label, src.data_files)
         check_column(ds, column, label)
         ds = undecoded_column(ds, column, "Audio")
         items = []
@@ -117,7 +119,7 @@ def load_clips(src: AudioCalibration, n: int, seed: int) -> tuple[list[ClipItem]
             data = cell_bytes(ds[r][column], where)
             wave, rate = decode_audio(data, where, src.max_seconds)
             items.append(ClipItem(f"row:{r}", hashlib.sha256(data).hexdigest(), wave, rate))
-        manifest = {"source": "hub", **hub_manifest(ds, src.dataset, src.name, split, column)}
+        manifest = {"source": "hub", **hub_manifest(ds, src.dataset, src.name, split, column, src.data_files)}
     manifest["max_seconds"] = src.max_seconds
     manifest["items"] = [it.manifest() for it in items]
     return items, manifest

@@ -10,7 +10,8 @@ Sources:
 - ``hub``: a ``datasets`` hub id with ``name`` (config), ``split`` and ``column`` (needs network
   or the datasets cache). A local folder works too: one ``datasets.load_dataset`` reads (parquet,
   csv, json, imagefolder, audiofolder) or one written by ``Dataset.save_to_disk``.
-  ``split`` accepts slices such as ``train[:2000]`` to bound what is read from large corpora.
+  ``split`` accepts slices such as ``train[:2000]`` to bound what is read; ``data_files`` picks
+  files of very large corpora (c4) so that they are not downloaded whole.
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class _Source(_Strict):
     path: str | None = None  # files: a file, a folder or a glob
     dataset: str | None = None  # hub: datasets id (or a local dataset folder)
     name: str | None = None  # hub: datasets config name
+    # hub: only these files of the dataset (e.g. c4: "en/c4-train.00000-of-01024.json.gz"), so a
+    # huge corpus is not downloaded whole
+    data_files: str | list[str] | None = None
     split: str | None = None  # hub: default "train"; embedded: default "calib"
     column: str | None = None  # hub, and jsonl/parquet/csv files: default per modality
 
@@ -70,7 +74,8 @@ class _Source(_Strict):
             where = f"files: {self.path}"
         else:
             cfg = f", config {self.name}" if self.name else ""
-            where = f"hub: {self.dataset}{cfg}, split {self.resolved_split}"
+            files = f", data_files {self.data_files}" if self.data_files else ""
+            where = f"hub: {self.dataset}{cfg}{files}, split {self.resolved_split}"
         return f"{self.section} ({where})"
 
 

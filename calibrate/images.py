@@ -56,7 +56,9 @@ def decode_image(data: bytes, where: str) -> object:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        raise CalibrationError(where, "unreadable image (not a format Pillow recognises)") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise CalibrationError(where, f"unreadable image ({type(e).__name__}: {e})") from None
 
 
@@ -104,7 +106,7 @@ def load_images(src: ImageCalibration, n: int, seed: int) -> tuple[list[ImageIte
         manifest = {"source": "files", "path": src.path, "n_files": len(files)}
     else:
         split, column = src.resolved_split, src.resolved_column
-        ds = load_hub_split(src.dataset, src.name, split, label)
+        ds = load_hub_split(src.dataset, src.name, split, label, src.data_files)
         check_column(ds, column, label)
         ds = undecoded_column(ds, column, "Image")
         rows = pick_indices(ds.num_rows, n, rng, label, "rows")
@@ -112,7 +114,7 @@ def load_images(src: ImageCalibration, n: int, seed: int) -> tuple[list[ImageIte
         for r in rows:
             data = cell_bytes(ds[r][column], f"{label}: column {column!r} row {r}")
             items.append(ImageItem(f"row:{r}", hashlib.sha256(data).hexdigest(), decode_image(data, f"{label}: column {column!r} row {r}")))
-        manifest = {"source": "hub", **hub_manifest(ds, src.dataset, src.name, split, column)}
+        manifest = {"source": "hub", **hub_manifest(ds, src.dataset, src.name, split, column, src.data_files)}
     manifest["items"] = [it.manifest() for it in items]
     return items, manifest
 

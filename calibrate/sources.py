@@ -61,7 +61,7 @@ def _looks_like_network_error(err: BaseException) -> bool:
     return bool(names & network) or "offline" in str(err).lower()
 
 
-def load_hub_split(dataset: str, name: str | None, split: str, label: str):
+def load_hub_split(dataset: str, name: str | None, split: str, label: str, data_files=None):
     """One split of a ``datasets`` dataset as a ``datasets.Dataset``.
 
     ``dataset`` is a hub id, a folder ``load_dataset`` understands, or a folder written by
@@ -83,7 +83,7 @@ def load_hub_split(dataset: str, name: str | None, split: str, label: str):
                     raise CalibrationError(label, f"dataset folder {dataset!r} has no split {split!r}; valid: {', '.join(ds)}")
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(dataset, name, split=split)
+            ds = datasets.load_dataset(dataset, name, split=split, data_files=data_files)
     except CalibrationError:
         raise
     except Exception as e:  # datasets raises many unrelated types; all mean "cannot read it"
@@ -107,12 +107,13 @@ def check_column(ds, column: str, label: str) -> None:
         raise CalibrationError(label, f"has no column {column!r}; columns: {', '.join(ds.column_names)}")
 
 
-def hub_manifest(ds, dataset: str, name: str | None, split: str, column: str) -> dict:
+def hub_manifest(ds, dataset: str, name: str | None, split: str, column: str, data_files=None) -> dict:
     """What identifies a hub split: id, config, split, column and datasets' content fingerprint."""
     return {
         "dataset": dataset,
         "name": name,
         "split": split,
+        "data_files": data_files,
         "column": column,
         "num_rows": ds.num_rows,
         "fingerprint": getattr(ds, "_fingerprint", None),

@@ -81,14 +81,14 @@ def load_documents(src: TextCalibration) -> tuple[list[Document], dict]:
                     "files": [{"path": str(f), "sha256": file_sha256(f)} for f in files]}
     else:
         split, column = src.resolved_split, src.resolved_column
-        ds = load_hub_split(src.dataset, src.name, split, label)
+        ds = load_hub_split(src.dataset, src.name, split, label, src.data_files)
         check_column(ds, column, label)
         docs = []
         for i, value in enumerate(ds[column]):
             if value is not None and not isinstance(value, str):
                 raise CalibrationError(label, f"column {column!r} row {i} holds {type(value).__name__}, not text")
             docs.append(Document(f"row:{i}", value or ""))
-        manifest = {"source": "hub", **hub_manifest(ds, src.dataset, src.name, split, column)}
+        manifest = {"source": "hub", **hub_manifest(ds, src.dataset, src.name, split, column, src.data_files)}
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise CalibrationError(label, "holds no non-empty text documents")

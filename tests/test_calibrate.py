@@ -254,6 +254,10 @@ def test_hub_source_from_local_dataset_folders(tmp_path, processor, tok):
     src = TextCalibration(source="hub", dataset=str(folder), split="train[:4]", n_samples=2, seq_len=32)
     got, manifest = load_documents(src)
     assert [d.text for d in got] == docs[:4] and manifest["num_rows"] == 4
+    # datasets' packaged parquet builder with explicit data_files (how one reads a c4 shard).
+    src = TextCalibration(source="hub", dataset="parquet", data_files=[str(folder / "train.parquet")], n_samples=2, seq_len=32)
+    got, manifest = load_documents(src)
+    assert [d.text for d in got] == docs and manifest["data_files"] == [str(folder / "train.parquet")]
 
 
 def test_hub_dataset_not_cached_offline_is_a_clear_error(tmp_path):
