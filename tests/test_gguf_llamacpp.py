@@ -1,0 +1,143 @@
+"""GGUF exports run in llama.cpp (through llama-cpp-python) and compared with transformers.
+
+References: transformers' own forward pass (logits, vision tower + embedder) and llama.cpp's
+runtime. Logits are compared over held-out text from the embedded corpus (eval split), which
+the tiny trained model never saw.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+pytestmark = pytest.mark.llamacpp
+
+N_TOKENS = 300
+
+
+def _llama(path, n_ctx=512):
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+
+
+def llama_logits(path, tokens) -> np.ndarray:
+    m = _llama(path)
+    try:
+        m.eval(tokens)
+        return np.array(m.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        m.close()
+
+
+def hf_logits(folder, tokens) -> np.ndarray:
+    from transformers import Gemma3nForConditionalGeneration
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([tokens])).logits[0].double().numpy()
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def mean_kl(ref: np.ndarray, other: np.ndarray) -> float:
+    p, q = _log_softmax(ref), _log_softmax(other)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
+def top1(ref, other) -> float:
+    return float((ref.argmax(-1) == other.argmax(-1)).mean())
+
+
+@pytest.fixture(scope="module")
+def heldout_tokens(tiny_trained, tmp_path_factory):
+    """About 300 tokens of eval-split text, tokenized by llama.cpp from our F32 export."""
+    from calibrate.embedded_text import split_documents
+
+    text = "\n".join(d.text for d in split_documents("eval")[:3])
+    path = _export(tiny_trained, tmp_path_factory.mktemp("f32"), "F32")
+    m = _llama(path)
+    try:
+        toks = m.tokenize(text.encode(), add_bos=True)[:N_TOKENS]
+    finally:
+        m.close()
+    # independent check that llama.cpp tokenizes as the HF tokenizer does
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_trained)(text)["input_ids"][:N_TOKENS]
+    assert toks == hf
+    return path, toks
+
+
+@pytest.fixture(scope="module")
+def f32_logits(heldout_tokens):
+    path, toks = heldout_tokens
+    return llama_logits(path, toks)
+
+
+KEEP_ALL = {"text": "keep", "token_embeddings": "keep", "per_layer_embeddings": "keep", "vision": "keep", "audio": "keep"}
+
+
+def make_ctx(folder, out, mix, towers=None, mmproj=False, **gguf_opts):
+    from pathlib import Path
+
+    from quantize.formats.base import ExportContext
+    from quantize.model import Checkpoint
+    from quantize.plan import build_plan
+    from quantize.recipe import parse_recipe
+    from quantize.source import TensorSource
+
+    r = parse_recipe({
+        "name": "t", "model": str(folder), "output": str(out), "towers": towers or KEEP_ALL,
+        "exports": {"gguf": {"mix": mix, "mmproj": mmproj, **gguf_opts}},
+    })
+    ck = Checkpoint(folder)
+    ctx = ExportContext(r, TensorSource(ck, build_plan(r, ck)), Path(out), {"recipe": "t", "model": str(folder)})
+    return ctx, r.exports.gguf
+
+
+def _export(folder, out, mix, **kw):
+    from quantize.formats.gguf import write_gguf
+
+    ctx, opts = make_ctx(folder, out, mix, **kw)
+    (path,) = write_gguf(ctx, opts)
+    return path
+
+
+def test_f32_export_matches_transformers(tiny_trained, heldout_tokens, f32_logits):
+    _, toks = heldout_tokens
+    ref = hf_logits(tiny_trained, toks)
+    kl = mean_kl(ref, f32_logits)
+    agree = top1(ref, f32_logits)
+    print(f"F32 vs transformers over {len(toks)} tokens: mean KL {kl:.2e}, top-1 {agree:.3f}")
+    assert kl < 1e-3
+    assert agree > 0.95
+
+
+# Bounds measured on the tiny trained model (see the test's printout) with about 2x headroom.
+@pytest.mark.parametrize("mix,bound", [("Q8_0", 2e-3), ("Q4_0", 6e-2), ("Q4_K_M", 4e-2), ("Q6_K", 6e-3)])
+def test_quantized_exports_load_and_stay_close_to_f32(tiny_trained, heldout_tokens, f32_logits, tmp_path, mix, bound):
+    _, toks = heldout_tokens
+    path = _export(tiny_trained, tmp_path, mix)
+    q = llama_logits(path, toks)
+    kl = mean_kl(f32_logits, q)
+    print(f"{mix} vs F32 export: mean KL {kl:.2e}, top-1 {top1(f32_logits, q):.3f}")
+    assert kl < bound
+
+
+def test_checkpoint_without_dead_kv_loads(tmp_path):
+    """transformers >= 5 drops the KV-shared layers' k/v; llama.cpp still requires them."""
+    from quantize.model import Checkpoint
+    from quantize.tiny import cached_tiny
+
+    folder = cached_tiny("random", dead_kv=False)
+    assert not any(".layers.20.self_attn.k_proj" in n for n in Checkpoint(folder).tensors)
+    path = _export(folder, tmp_path, "F32", towers=KEEP_ALL)
+    toks = [2, 300, 301, 302, 303, 304, 305, 306]
+    got = llama_logits(path, toks)
+    ref = hf_logits(folder, toks)
+    assert np.isfinite(got).all()
+    assert mean_kl(ref, got) < 2e-3
