@@ -48,7 +48,9 @@ class Document:
 @dataclass(frozen=True)
 class TextSample:
     input_ids: list[int]
-    spans: tuple[tuple[str, int, int], ...]  # (document id, first token, token count)
+    # (document id, first token, token count); with packing a count may run into the separator
+    # (<eos>, or "\n\n" for chat samples) that follows the document in the packed stream.
+    spans: tuple[tuple[str, int, int], ...]
 
     def manifest(self) -> dict:
         return {"sha256": ids_sha256(self.input_ids), "n_tokens": len(self.input_ids), "spans": [list(s) for s in self.spans]}
@@ -74,9 +76,12 @@ def load_documents(src: TextCalibration) -> tuple[list[Document], dict]:
                     "corpus_sha256": embedded_text.corpus_hash(), "documents": [d.id for d in docs]}
     elif src.source == "files":
         files = list_files(src.path, TEXT_EXTENSIONS, label)
+        root = Path(src.path).expanduser()
         docs = []
         for f in files:
-            docs.extend(_file_documents(f, src.resolved_column, label))
+            # Ids relative to a folder keep same-named files in subfolders apart.
+            name = str(f.relative_to(root)) if root.is_dir() else f.name
+            docs.extend(_file_documents(f, name, src.resolved_column, label))
         manifest = {"source": "files", "path": src.path, "column": src.resolved_column,
                     "files": [{"path": str(f), "sha256": file_sha256(f)} for f in files]}
     else:
@@ -95,9 +100,8 @@ def load_documents(src: TextCalibration) -> tuple[list[Document], dict]:
     return docs, manifest
 
 
-def _file_documents(path: Path, column: str, label: str) -> list[Document]:
-    """One document per .txt file, per .jsonl line, per parquet/csv row."""
-    name = path.name
+def _file_documents(path: Path, name: str, column: str, label: str) -> list[Document]:
+    """One document per .txt file, per .jsonl line, per parquet/csv row; ids start with ``name``."""
     where = f"{label}: {path}"
     suffix = path.suffix.lower()
     try:
