@@ -1,0 +1,183 @@
+"""The one orchestrator: recipe -> plan -> calibration -> quantization -> exports -> manifest.
+
+It owns the model, devices, hooks and progress; algorithms stay pure (``quantize.methods``) and
+writers only pack (``quantize.formats``). The run writes into a temporary folder beside the
+output and renames it at the very end, so a failed run leaves no output folder behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantize.errors import QuantizeError, RecipeError
+from quantize.manifest import build_manifest, model_hash, write_json_atomic
+from quantize.model import Checkpoint, resolve_model
+from quantize.plan import Plan, build_plan
+from quantize.recipe import Recipe
+from quantize.source import TensorSource
+
+log = logging.getLogger(__name__)
+
+CALIBRATED_METHODS = ("gptq", "awq")
+
+
+@dataclass
+class RunResult:
+    plan: Plan
+    out_dir: Path | None = None
+    artifacts: list[Path] = field(default_factory=list)
+    manifest: dict | None = None
+
+
+def prepare(recipe: Recipe, allow_pickle: bool = False) -> tuple[Checkpoint, Plan]:
+    """Resolve the model and build the plan (no weights are read)."""
+    _check_calibration_paths(recipe)
+    folder = resolve_model(recipe.model, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(folder)
+    plan = build_plan(recipe, ckpt)
+    _validate_exports(recipe, ckpt, plan)
+    return ckpt, plan
+
+
+def _check_calibration_paths(recipe: Recipe) -> None:
+    """Fail in the first second, not after loading a model, when a calibration file is missing."""
+    import glob
+
+    cal = recipe.calibration
+    for key, src in (("text", cal.text), ("images", cal.images), ("audio", cal.audio)):
+        if src.source == "files" and not glob.glob(os.path.expanduser(src.path)):
+            raise RecipeError(f"calibration.{key}.path: {src.path!r} does not exist (a file, folder or glob is expected)")
+
+
+def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
+    """Refuse, before any work, what an export format cannot represent."""
+    gguf = recipe.exports.gguf
+    if gguf is not None and gguf.enabled:
+        from quantize.formats.gguf import validate_gguf
+
+        validate_gguf(ckpt, plan, gguf)
+
+
+def needs_calibration(plan: Plan) -> bool:
+    return any(
+        e.quantized and e.tower == "text" and (e.scheme.method in CALIBRATED_METHODS or e.scheme.importance)
+        for e in plan.entries
+    )
+
+
+def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, progress: bool = True) -> RunResult:
+    ckpt, plan = prepare(recipe, allow_pickle=allow_pickle)
+    if dry_run:
+        return RunResult(plan=plan)
+
+    out = Path(recipe.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        result = _run_into(recipe, ckpt, plan, tmp, progress)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.out_dir = out
+    result.artifacts = [out / p.relative_to(tmp) for p in result.artifacts]
+    return result
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool) -> RunResult:
+    from quantize.formats.base import ExportContext
+
+    calib_manifest: dict | None = None
+    precomputed: dict = {}
+    kv_scales: dict = {}
+    report: dict = {}
+    if needs_calibration(plan) or recipe.kv_cache.fp8:
+        calib_manifest, precomputed, kv_scales, report = _calibrate_text(recipe, ckpt, plan, progress)
+
+    source = TensorSource(ckpt, plan, precomputed=precomputed, kv_scales=kv_scales)
+    digest = model_hash(ckpt)
+    provenance = {
+        "recipe": recipe.name,
+        "source_model": recipe.model,
+        "model_sha256": digest,
+        "tool": "gemma3n-quantize",
+    }
+    ctx = ExportContext(recipe=recipe, source=source, out_dir=out, provenance=provenance)
+    artifacts: list[Path] = []
+    notes: list[str] = list(plan.notes)
+    if recipe.exports.safetensors is not None and recipe.exports.safetensors.enabled:
+        from quantize.formats.safetensors import write_safetensors
+
+        log.info("writing safetensors (%s)", recipe.exports.safetensors.format)
+        artifacts += write_safetensors(ctx, recipe.exports.safetensors)
+    if recipe.exports.gguf is not None and recipe.exports.gguf.enabled:
+        from quantize.formats.gguf import write_gguf
+
+        log.info("writing GGUF (%s)", recipe.exports.gguf.mix)
+        artifacts += write_gguf(ctx, recipe.exports.gguf)
+        notes.append(
+            "GGUF: the audio tower is not in the mmproj: llama.cpp declares the gemma3na projector but "
+            "implements no graph for it, so llama.cpp cannot run Gemma 3n audio; use the safetensors artifact"
+        )
+    manifest = build_manifest(
+        recipe=recipe,
+        ckpt=ckpt,
+        plan=plan,
+        model_digest=digest,
+        out_dir=out,
+        artifacts=artifacts,
+        calibration=calib_manifest,
+        quantization_report=report,
+        kv_scales=kv_scales,
+        notes=notes,
+    )
+    write_json_atomic(out / "manifest.json", manifest)
+    return RunResult(plan=plan, artifacts=artifacts, manifest=manifest)
+
+
+def _calibrate_text(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
+    """Sequential, layer-by-layer calibration of the text decoder (GPTQ / AWQ / importance)."""
+    import torch
+    from transformers import AutoProcessor, Gemma3nForConditionalGeneration
+
+    from calibrate import build_calibration
+    from quantize.sequential import quantize_text_decoder
+
+    torch.manual_seed(recipe.seed)
+    processor = AutoProcessor.from_pretrained(str(ckpt.folder))
+    calib = build_calibration(recipe.calibration, processor, seed=recipe.seed)
+    batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(ckpt.folder), dtype=torch.float32).eval()
+    schemes = {
+        e.name: e.scheme
+        for e in plan.entries
+        if e.quantized and e.tower == "text" and (e.scheme.method in CALIBRATED_METHODS or e.scheme.importance)
+    }
+    result = quantize_text_decoder(
+        model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress
+    )
+    del model
+    return calib.manifest, dict(result.tensors), dict(getattr(result, "kv_scales", {}) or {}), dict(result.report)
+
+
+def check_output_free(recipe: Recipe) -> None:
+    """A run must not write into a file path."""
+    out = Path(recipe.output)
+    if out.exists() and not out.is_dir():
+        raise QuantizeError(f"output {out} exists and is not a folder")

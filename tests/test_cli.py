@@ -1,0 +1,65 @@
+"""Command line: exit codes, one-line errors, no partial output, dry-run plan, inspect."""
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "quantize", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _recipe(tmp_path, body: str):
+    p = tmp_path / "r.yaml"
+    p.write_text(body)
+    return p
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("model: m\noutput: OUT\ntowers: {textt: int4}\n", "towers.textt"),
+        ("model: m\noutput: OUT\nseed: abc\n", "seed"),
+        ("model: /nonexistent/model\noutput: OUT\n", "/nonexistent/model"),
+        ("model: MODEL\noutput: OUT\ncalibration: {text: {source: files, path: /nope/data.txt}}\n", "calibration.text.path"),
+        ("model: [unclosed\n", "not valid YAML"),
+    ],
+    ids=["unknown-key", "wrong-type", "missing-model", "missing-data-file", "bad-yaml"],
+)
+def test_bad_input_one_line_exit_2_no_output(tmp_path, tiny_random, body, needle):
+    out = tmp_path / "out"
+    r = _run("run", str(_recipe(tmp_path, body.replace("OUT", str(out)).replace("MODEL", str(tiny_random)))))
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_missing_recipe_file(tmp_path):
+    r = _run("run", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "nope.yaml" in r.stderr
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    r = _run("inspect", str(tmp_path / "m"))
+    assert r.returncode == 2 and "--allow-pickle" in r.stderr
+
+
+def test_dry_run_prints_plan_without_output(tmp_path, tiny_random):
+    out = tmp_path / "out"
+    r = _run("run", "recipes/demo.yaml", "--model", str(tiny_random), "--out", str(out), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "per_layer_embeddings" in r.stdout and "int4-g32-gptq" in r.stdout
+    assert "layer 18 -> layers 20, 21, 22, 23" in r.stdout
+    assert not out.exists()
+
+
+def test_inspect(tiny_random):
+    r = _run("inspect", str(tiny_random))
+    assert r.returncode == 0, r.stderr
+    for needle in ("per-layer embeddings", "AltUp", "LAuReL", "vision tower", "audio tower",
+                   "multimodal embedders", "layer 19 -> layers 24", "layers.20.self_attn.k_proj.weight"):
+        assert needle in r.stdout, needle

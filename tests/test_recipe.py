@@ -1,0 +1,90 @@
+"""Recipe schema: shipped recipes load; bad recipes fail with the key's path and valid values."""
+from pathlib import Path
+
+import pytest
+
+from quantize.errors import RecipeError
+from quantize.recipe import load_recipe, parse_recipe
+from quantize.schemes import PRESET_SCHEMES, QuantScheme, resolve_scheme
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_all_shipped_recipes_are_tested():
+    assert {p.stem for p in RECIPES} >= {"demo", "int4", "int8", "fp8"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_loads(path):
+    r = load_recipe(path)
+    assert r.version == 1
+    assert r.exports.gguf is not None or r.exports.safetensors is not None
+    # every tower resolved to a concrete scheme object
+    for name in type(r.towers).model_fields:
+        assert isinstance(getattr(r.towers, name), QuantScheme)
+
+
+def test_real_recipes_target_e4b():
+    for stem in ("int4", "int8", "fp8"):
+        assert load_recipe(Path("recipes") / f"{stem}.yaml").model == "google/gemma-3n-E4B-it"
+
+
+def _err(data) -> str:
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(data, "r.yaml")
+    return str(e.value)
+
+
+def test_unknown_key_names_its_path():
+    msg = _err({"model": "m", "output": "o", "towers": {"vison": "int8"}})
+    assert "towers.vison" in msg and "r.yaml" in msg
+
+
+def test_unknown_nested_calibration_key():
+    msg = _err({"model": "m", "output": "o", "calibration": {"text": {"n_sample": 3}}})
+    assert "calibration.text.n_sample" in msg
+
+
+def test_wrong_type():
+    msg = _err({"model": "m", "output": "o", "seed": "zero"})
+    assert "seed" in msg
+
+
+def test_unknown_preset_lists_valid_ones():
+    msg = _err({"model": "m", "output": "o", "towers": {"text": "int3"}})
+    assert "int3" in msg and all(p in msg for p in ("int4", "int8", "fp8", "keep"))
+
+
+def test_invalid_scheme_combination():
+    assert "fp8" in _err({"model": "m", "output": "o", "towers": {"text": {"type": "fp8", "method": "gptq", "strategy": "channel"}}})
+    assert "group_size" in _err({"model": "m", "output": "o", "towers": {"text": {"type": "int4", "group_size": 48}}})
+
+
+def test_missing_required_and_version():
+    assert "model" in _err({"output": "o"})
+    assert "version" in _err({"model": "m", "output": "o", "version": 2})
+
+
+def test_preset_with_overrides_and_exports():
+    r = parse_recipe({"model": "m", "output": "o", "towers": {"text": {"preset": "int4_gptq", "act_order": True}},
+                      "exports": {"gguf": {"mix": "Q4_K_M"}}})
+    assert r.towers.text.method == "gptq" and r.towers.text.act_order and r.towers.text.group_size == 32
+    assert "mix" in _err({"model": "m", "output": "o", "exports": {"gguf": {"mix": "Q3_Z"}}})
+
+
+def test_presets_are_frozen_and_strict():
+    s = resolve_scheme("int4")
+    with pytest.raises(Exception):
+        s.group_size = 64  # frozen
+    with pytest.raises(Exception):
+        QuantScheme(type="int4", colour="red")
+    assert set(PRESET_SCHEMES) >= {"int4", "int8", "fp8", "keep"}
+
+
+def test_scheme_bytes_hand_computed():
+    # 64 x 128 int4 group 32: 4096 bytes of codes + 64*4 fp16 scales = 4096 + 512
+    assert resolve_scheme("int4").bytes_for((64, 128), 4) == 64 * 128 // 2 + 64 * 4 * 2
+    # asymmetric adds one zero-point byte per group
+    assert resolve_scheme("int4_asym").bytes_for((64, 128), 4) == 64 * 128 // 2 + 64 * 4 * 3
+    # fp8 per channel: one byte per value + one fp32 scale per row
+    assert resolve_scheme("fp8").bytes_for((64, 128), 2) == 64 * 128 + 64 * 4
