@@ -9,7 +9,6 @@ package itself never imports quantize.
 from __future__ import annotations
 
 import ctypes
-import statistics
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -138,7 +137,7 @@ def test_gguf_quality_and_report(st_results, work):
 def _bench_style(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> tuple[float, float]:
     """llama-bench's protocol with the raw C API: pp = one llama_decode of n_prompt tokens, tg =
     n_gen single-token decodes after it; llama_synchronize after each decode; one warm-up run;
-    medians of the repeats in tokens/s."""
+    best of the repeats in tokens/s (the least disturbed run on a shared machine)."""
     import llama_cpp as lc
 
     llm = lc.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -164,7 +163,7 @@ def _bench_style(path: Path, threads: int, n_prompt: int, n_gen: int, reps: int)
             pp.append(n_prompt / t_pp)
             tg.append(n_gen / t_tg)
     llm.close()
-    return statistics.median(pp), statistics.median(tg)
+    return max(pp), max(tg)
 
 
 @pytest.mark.llamacpp
@@ -181,7 +180,10 @@ def test_gguf_latency_agrees_with_llama_bench_style_timing(work):
         backend.close()
     pp, tg = _bench_style(q4, threads=2, n_prompt=64, n_gen=16, reps=3)
     run = lat["runs"][0]
-    # same threads, same lengths; a shared 2-core machine is noisy, so "within noise" is a factor of 2
-    assert 0.5 < run["prefill_tok_s"] / pp < 2.0, (run["prefill_tok_s"], pp)
-    assert 0.5 < run["decode_tok_s"] / tg < 2.0, (run["decode_tok_s"], tg)
+    # Same threads, same lengths. Compared on the fastest repeat of each (other jobs on a shared
+    # 2-core machine only ever slow a run down); "within noise" is a factor of 2.
+    ours_pp = run["prompt_tokens"] / run["ttft_s"]["min"]
+    ours_tg = run["decode_tokens"] / run["decode_s"]["min"]
+    assert 0.5 < ours_pp / pp < 2.0, (ours_pp, pp)
+    assert 0.5 < ours_tg / tg < 2.0, (ours_tg, tg)
     assert lat["memory"]["rss_peak_bytes"] > q4.stat().st_size
