@@ -1,0 +1,314 @@
+"""The sequential calibration engine on the tiny Gemma 3n models.
+
+Independent references: a fresh transformers model whose weights are replaced by the returned
+``QuantizedTensor.dequantize()`` values; the model's own forward (captured with hooks) for the
+replayed layer outputs; a hand-run of the quantized producer's k/v projections (RMS norms and
+RoPE written out here) for what KV-consumer layers attend over.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantize.methods.awq import absorb_into_linear, absorb_into_norm
+from quantize.schemes import PRESET_SCHEMES, QuantScheme
+from quantize.sequential import LINEARS, SequentialError, quantize_text_decoder, text_linear_name
+
+LAYERS = "model.language_model.layers"
+
+
+@pytest.fixture(scope="module")
+def random_model(tiny_random):
+    from transformers import Gemma3nForConditionalGeneration
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(tiny_random, dtype=torch.float32).eval()
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, pristine
+
+
+@pytest.fixture
+def fresh(random_model):
+    model, pristine = random_model
+    model.load_state_dict(pristine)
+    return model
+
+
+def make_batches(shapes=((1, 48), (2, 32)), seed=0, vocab=4000):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(5, vocab, s, generator=g), "attention_mask": torch.ones(s, dtype=torch.long)} for s in shapes]
+
+
+def existing_linears(model, layer: int):
+    out = []
+    for m in LINEARS:
+        try:
+            model.model.language_model.layers[layer].get_submodule(m)
+            out.append(m)
+        except AttributeError:
+            pass
+    return out
+
+
+def mixed_schemes(model) -> dict[str, QuantScheme]:
+    """Every scheme and method on some layer; int4 RTN elsewhere."""
+    s = {}
+    special = {
+        0: PRESET_SCHEMES["int4_gptq"],
+        1: PRESET_SCHEMES["int8"],
+        2: PRESET_SCHEMES["int4_imatrix"],
+        3: PRESET_SCHEMES["int4_awq"],
+        4: QuantScheme(type="int4", method="gptq", act_order=True, group_size=64),
+        5: PRESET_SCHEMES["fp8"],
+        18: QuantScheme(type="int8", method="gptq"),
+        20: PRESET_SCHEMES["int4_gptq"],
+    }
+    for i in range(len(model.model.language_model.layers)):
+        for m in existing_linears(model, i):
+            s[text_linear_name(i, m)] = special.get(i, PRESET_SCHEMES["int4"])
+    s[text_linear_name(7, "mlp.down_proj")] = PRESET_SCHEMES["keep"]  # stays float
+    return s
+
+
+def test_quantized_model_equals_independently_dequantized_model(random_model, fresh):
+    from transformers import Gemma3nForConditionalGeneration
+
+    model = fresh
+    _, pristine = random_model
+    schemes = mixed_schemes(model)
+    batches = make_batches()
+    # Record what the last layer returns during calibration: its final pass must be exactly the
+    # quantized model's own forward (the engine replays layers faithfully).
+    last = model.model.language_model.layers[-1]
+    seen = []
+    h = last.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    try:
+        res = quantize_text_decoder(model, schemes, batches, progress=False)
+    finally:
+        h.remove()
+
+    quantized = {n for n, sc in schemes.items() if sc.is_quantized}
+    assert set(res.tensors) == quantized
+    for n, qt in res.tensors.items():
+        assert qt.scheme == schemes[n] and qt.name == n
+    assert res.report[7]["methods"].get("mlp.down_proj") is None
+    assert set(res.updated) == {f"{LAYERS}.3.pre_feedforward_layernorm.weight"}  # AWQ on layer 3's MLP
+    assert any("AWQ" in note for note in res.report[3]["notes"])  # attention AWQ -> RTN, said so
+    for i, r in res.report.items():
+        assert math.isfinite(r["rel_error"]) and 0 < r["rel_error"] < 1, (i, r)
+
+    # Independent model: pristine weights, then every returned tensor's dequantize().
+    other = Gemma3nForConditionalGeneration(model.config).eval()
+    other.load_state_dict(pristine)
+    params = dict(other.named_parameters())
+    with torch.no_grad():
+        for n, qt in res.tensors.items():
+            params[n].copy_(qt.dequantize())
+        for n, t in res.updated.items():
+            params[n].copy_(t)
+        for b in batches:
+            a = model(**b).logits
+            o = other(**b).logits
+            assert torch.equal(a, o)
+        # Replay faithfulness: the final calibration pass of the last layer equals the model's forward.
+        outs = []
+        hh = other.model.language_model.layers[-1].register_forward_hook(lambda m, a, out: outs.append(out))
+        for b in batches:
+            other(**b)
+        hh.remove()
+    for got, want in zip(seen[-len(batches):], outs):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _rms(x, eps, weight=None):
+    y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    return y * weight if weight is not None else y
+
+
+def _rope(x, theta, positions):
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    ang = positions[:, None].float() * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    rot = torch.cat([-x2, x1], -1)
+    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def test_consumers_attend_over_quantized_producer_kv(random_model, fresh):
+    model = fresh
+    _, pristine = random_model
+    cfg = model.config.text_config
+    layers = model.model.language_model.layers
+    producer, consumer = 18, 20
+    assert cfg.kv_sharing_modes[producer] == "store" and cfg.kv_sharing_modes[consumer] == "reuse"
+    lt = cfg.layer_types[consumer]
+    assert cfg.layer_types[producer] == lt
+    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4"] for i in (17, producer, 19, consumer) for m in existing_linears(model, i)}
+    batches = make_batches(seed=1)
+    prod_inputs, cons_kv = [], []
+    h1 = layers[producer].register_forward_pre_hook(lambda m, a: prod_inputs.append(a[0].clone()))
+    h2 = layers[consumer].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: cons_kv.append(tuple(t.clone() for t in kw["shared_kv_states"][lt])), with_kwargs=True)
+    try:
+        res = quantize_text_decoder(model, schemes, batches, kv_fp8=True, progress=False)
+    finally:
+        h1.remove()
+        h2.remove()
+
+    nb = len(batches)
+    assert len(cons_kv) % nb == 0 and len(cons_kv) >= 2 * nb  # several calibration passes, all checked
+    prod_final = prod_inputs[-nb:]  # the producer's inputs (identical in each of its passes)
+    p = layers[producer]
+    eps = cfg.rms_norm_eps
+    theta = cfg.rope_parameters[lt]["rope_theta"]
+    wk = res.tensors[text_linear_name(producer, "self_attn.k_proj")].dequantize()
+    wv = res.tensors[text_linear_name(producer, "self_attn.v_proj")].dequantize()
+    k_float = pristine[f"{LAYERS}.{producer}.self_attn.k_proj.weight"]
+    k_amax = v_amax = 0.0
+    with torch.no_grad():
+        for b, hs in enumerate(prod_final):
+            x = p.input_layernorm(p.altup.predict(hs)[cfg.altup_active_idx])
+            B, T, _ = x.shape
+            pos = torch.arange(T)
+            k = _rope(_rms(F.linear(x, wk).view(B, T, -1, cfg.head_dim), eps, p.self_attn.k_norm.weight), theta, pos).transpose(1, 2)
+            v = _rms(F.linear(x, wv).view(B, T, -1, cfg.head_dim), eps).transpose(1, 2)
+            for c in range(b, len(cons_kv), nb):
+                ck, cv = cons_kv[c]
+                assert torch.allclose(ck, k, atol=1e-5), f"call {c}: consumer K differs from the quantized producer's"
+                assert torch.allclose(cv, v, atol=1e-5)
+            # The check has teeth: the float producer's K is measurably different.
+            k_f = _rope(_rms(F.linear(x, k_float).view(B, T, -1, cfg.head_dim), eps, p.self_attn.k_norm.weight), theta, pos).transpose(1, 2)
+            assert (k_f - k).abs().max() > 1e-3
+            k_amax, v_amax = max(k_amax, float(k.abs().max())), max(v_amax, float(v.abs().max()))
+    # One fp8 k and v scale per sharing group, from the quantized producer's cache, shared by consumers.
+    ks, vs = res.kv_scales[producer]
+    assert ks == pytest.approx(k_amax / 448, rel=1e-5) and vs == pytest.approx(v_amax / 448, rel=1e-5)
+    assert set(res.kv_scales) == {18, 19}
+    assert res.layer_kv_scales[consumer] == res.kv_scales[producer]
+    assert len(res.layer_kv_scales) == len(layers)
+
+
+@pytest.mark.parametrize("flavour", ["random", pytest.param("trained", marks=pytest.mark.slow)])
+def test_gptq_layer_error_below_rtn(flavour, request, fresh):
+    from transformers import Gemma3nForConditionalGeneration
+
+    if flavour == "random":
+        model, batches = fresh, make_batches(seed=2)
+    else:
+        folder = request.getfixturevalue("tiny_trained")
+        model = Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        batches = text_batches(folder)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    errs = {}
+    for key in ("int4", "int4_gptq"):
+        model.load_state_dict(state)
+        schemes = {text_linear_name(3, m): PRESET_SCHEMES[key] for m in existing_linears(model, 3)}
+        errs[key] = quantize_text_decoder(model, schemes, batches, progress=False).report[3]["rel_error"]
+    assert errs["int4_gptq"] < errs["int4"], errs
+
+
+def text_batches(folder, n=2, tokens=64):
+    """Calibration text (the embedded corpus' calib split) tokenized by the model's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from calibrate.embedded_text import split_documents
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    docs = split_documents("calib")[:n]
+    out = []
+    for d in docs:
+        ids = tok(d.text, return_tensors="pt").input_ids[:, :tokens]
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def _absorb_mlp(layer, s_in, s_mid):
+    mlp = layer.mlp
+    nw, (gw, uw) = absorb_into_norm(layer.pre_feedforward_layernorm.weight, [mlp.gate_proj.weight, mlp.up_proj.weight], s_in)
+    uw, dw = absorb_into_linear(uw, mlp.down_proj.weight, s_mid)
+    layer.pre_feedforward_layernorm.weight.copy_(nw)
+    mlp.gate_proj.weight.copy_(gw)
+    mlp.up_proj.weight.copy_(uw)
+    mlp.down_proj.weight.copy_(dw)
+
+
+def test_awq_absorption_is_exact_where_valid_and_input_norm_is_not(random_model, fresh):
+    """Scaling pre_feedforward_layernorm -> gate/up and up -> down keeps the model's function.
+
+    With power-of-two scales every division and multiplication is exact in fp32, so the logits
+    must be bitwise equal; any non-cancelling path would show. (With arbitrary scales fp32
+    rounding, ~6e-8 relative, is amplified several hundred times by 25 random layers, so the
+    arbitrary-scale check is done per MLP block, to 1e-5 relative.)
+    """
+    model = fresh
+    layers = model.model.language_model.layers
+    batch = make_batches(((1, 40),), seed=3)[0]
+    g = torch.Generator().manual_seed(4)
+
+    def pow2(n):
+        return torch.exp2(torch.randint(-3, 4, (n,), generator=g).float())
+    with torch.no_grad():
+        # Arbitrary scales, block by block, on the block's real inputs.
+        seen = {}
+        hooks = [layer.pre_feedforward_layernorm.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].clone()))
+                 for i, layer in enumerate(layers)]
+        ref = model(**batch).logits
+        for h in hooks:
+            h.remove()
+        for i, layer in enumerate(layers):
+            x = seen[i]
+            before = layer.mlp(layer.pre_feedforward_layernorm(x))
+            _absorb_mlp(layer, torch.exp(torch.randn(x.shape[-1], generator=g) * 0.5),
+                        torch.exp(torch.randn(layer.mlp.down_proj.in_features, generator=g) * 0.5))
+            after = layer.mlp(layer.pre_feedforward_layernorm(x))
+            assert float((after - before).abs().max() / before.abs().max()) < 1e-5, i
+        # Power-of-two scales on every layer: the whole model is bitwise unchanged.
+        model.load_state_dict(random_model[1])
+        for layer in layers:
+            _absorb_mlp(layer, pow2(layer.mlp.gate_proj.in_features), pow2(layer.mlp.down_proj.in_features))
+        assert torch.equal(model(**batch).logits, ref)
+        # input_layernorm -> q/k/v (+ LAuReL's left matrix) is NOT an exact absorption: LAuReL adds
+        # the normed input itself back, which no weight can compensate.
+        layer = layers[0]
+        attn = layer.self_attn
+        nw, ws = absorb_into_norm(layer.input_layernorm.weight, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, layer.laurel.linear_left.weight],
+                                  pow2(layer.input_layernorm.weight.shape[0]))
+        layer.input_layernorm.weight.copy_(nw)
+        for mod, w in zip((attn.q_proj, attn.k_proj, attn.v_proj, layer.laurel.linear_left), ws):
+            mod.weight.copy_(w)
+        bad = model(**batch).logits
+        assert float((bad - ref).abs().max() / ref.abs().max()) > 1e-3
+
+
+def test_bad_schemes_and_batches_are_refused(fresh):
+    batches = make_batches(((1, 8),))
+    int4 = PRESET_SCHEMES["int4"]
+    with pytest.raises(SequentialError, match=r"layers\.20\.self_attn\.k_proj\.weight.*dead weights"):
+        quantize_text_decoder(fresh, {f"{LAYERS}.20.self_attn.k_proj.weight": int4}, batches, progress=False)
+    with pytest.raises(SequentialError, match="is not a text-decoder linear"):
+        quantize_text_decoder(fresh, {"model.language_model.embed_tokens.weight": int4}, batches, progress=False)
+    with pytest.raises(SequentialError, match="has 25 decoder layers"):
+        quantize_text_decoder(fresh, {f"{LAYERS}.30.mlp.up_proj.weight": int4}, batches, progress=False)
+    with pytest.raises(SequentialError, match="no calibration batches"):
+        quantize_text_decoder(fresh, {}, [], progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(random_model, fresh):
+    model = fresh
+    _, pristine = random_model
+    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] if i % 2 else PRESET_SCHEMES["int4"]
+               for i in range(25) for m in existing_linears(model, i)}
+    batches = make_batches(seed=5)
+    cpu = quantize_text_decoder(model, schemes, batches, progress=False)
+    model.load_state_dict(pristine)
+    gpu = quantize_text_decoder(model, schemes, batches, device="cuda", progress=False)
+    assert model.model.language_model.layers[3].mlp.up_proj.weight.device.type == "cpu"  # moved back
+    for n, qt in gpu.tensors.items():
+        if qt.scheme.method == "rtn":
+            assert torch.equal(qt.codes, cpu.tensors[n].codes)  # RTN does not depend on activations
+    for i in range(25):
+        assert gpu.report[i]["rel_error"] == pytest.approx(cpu.report[i]["rel_error"], rel=0.25, abs=1e-3)
