@@ -141,3 +141,79 @@ def test_checkpoint_without_dead_kv_loads(tmp_path):
     ref = hf_logits(folder, toks)
     assert np.isfinite(got).all()
     assert mean_kl(ref, got) < 2e-3
+
+
+def _mtmd_image_embeddings(text_path, mmproj_path, rgb: np.ndarray) -> np.ndarray:
+    """Encode one image with llama.cpp's multimodal library; (n_tokens, n_embd) float32."""
+    import ctypes
+
+    from llama_cpp import mtmd_cpp as M
+
+    llm = llama_cpp.Llama(model_path=str(text_path), n_ctx=1024, n_threads=2, verbose=False)
+    params = M.mtmd_context_params_default()
+    params.use_gpu = False
+    params.n_threads = 2
+    params.print_timings = False
+    ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), llm.model, params)  # runs mtmd's warm-up
+    assert ctx, "mtmd could not load the mmproj"
+    try:
+        h, w, _ = rgb.shape
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes())
+        bitmap = M.mtmd_bitmap_init(w, h, buf)
+        marker = M.mtmd_default_marker()
+        text = M.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+        chunks = M.mtmd_input_chunks_init()
+        bitmaps = (M.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) == 0
+        images = [M.mtmd_input_chunks_get(chunks, i) for i in range(M.mtmd_input_chunks_size(chunks))]
+        images = [c for c in images if M.mtmd_input_chunk_get_type(c) == 1]  # MTMD_INPUT_CHUNK_TYPE_IMAGE
+        assert len(images) == 1
+        n_tokens = M.mtmd_input_chunk_get_n_tokens(images[0])
+        assert M.mtmd_encode_chunk(ctx, images[0]) == 0
+        n_embd = llm.n_embd()
+        out = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n_tokens * n_embd,)).copy()
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bitmap)
+        return out.reshape(n_tokens, n_embd)
+    finally:
+        M.mtmd_free(ctx)
+        llm.close()
+
+
+@pytest.mark.slow
+def test_vision_mmproj_encodes_an_image_like_transformers(tmp_path):
+    """Full-size MobileNetV5 with a 2048-wide tiny text model (mtmd needs text width == vision width)."""
+    from gguf import GGUFReader
+    from transformers import Gemma3nForConditionalGeneration
+
+    from quantize.formats.gguf import write_gguf
+    from quantize.tiny import cached_tiny
+
+    folder = cached_tiny("random", hidden_size=2048, vision_channel_multiplier=1.0)
+    ctx, opts = make_ctx(folder, tmp_path, "Q8_0", mmproj=True)
+    text_path, mmproj_path = write_gguf(ctx, opts)
+    assert mmproj_path.name == "mmproj-t-f16.gguf"
+    r = GGUFReader(mmproj_path)
+    assert bytes(r.fields["clip.projector_type"].parts[-1]).decode() == "gemma3nv"
+    gammas = [t for t in r.tensors if t.name.endswith("layer_scale.gamma")]
+    assert gammas and all(len(t.shape) == 4 for t in gammas)
+    assert not any(t.name.startswith("a.") or "conformer" in t.name for t in r.tensors)  # no audio
+    del r
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:768, 0:768]
+    rgb = np.stack([xx * 255 // 767, yy * 255 // 767, (xx + yy) * 255 // 1534], axis=-1).astype(np.int64)
+    rgb = np.clip(rgb + rng.integers(-20, 21, rgb.shape), 0, 255).astype(np.uint8)
+    got = _mtmd_image_embeddings(text_path, mmproj_path, rgb)
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0  # rescale only, as the processor
+    with torch.no_grad():
+        ref = model.get_image_features(pixel_values=pixels).pooler_output[0].double().numpy()
+    assert got.shape == ref.shape == (256, 2048)
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    print(f"mmproj vs transformers: min cosine {cos.min():.5f}, relative error {rel:.4f}")
+    # F16 kernels and ggml's fp16 GELU table against transformers in fp32
+    assert cos.min() > 0.99
+    assert rel < 0.05

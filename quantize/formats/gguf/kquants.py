@@ -51,11 +51,14 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
     sum_w = w.sum(axis=-1)
     sum_x = (w * x).sum(axis=-1)
 
+    sum_x2 = (w * x * x).sum(axis=-1)
+
     def fit(iscale):
         L = np.clip(_round(iscale[..., None] * (x - mn[..., None])), 0, nmax)
-        sum_l = (w * L).sum(axis=-1)
-        sum_l2 = (w * L * L).sum(axis=-1)
-        sum_xl = (w * L * x).sum(axis=-1)
+        wl = w * L
+        sum_l = wl.sum(axis=-1)
+        sum_l2 = (wl * L).sum(axis=-1)
+        sum_xl = (wl * x).sum(axis=-1)
         D = sum_w * sum_l2 - sum_l * sum_l
         Dsafe = np.where(D > 0, D, 1.0)
         scale = (sum_w * sum_xl - sum_x * sum_l) / Dsafe
@@ -65,7 +68,9 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, n
         scale = np.where(pos, sum_xl / l2safe, scale)
         m = np.where(pos, 0.0, m)
         ok = D > 0
-        err = (w * (scale[..., None] * L + m[..., None] - x) ** 2).sum(axis=-1)
+        # sum w (scale*L + m - x)^2, expanded so that no further pass over the values is needed
+        err = (scale * scale * sum_l2 + 2 * scale * m * sum_l - 2 * scale * sum_xl
+               + m * m * sum_w - 2 * m * sum_x + sum_x2)
         return ok, scale, m, err
 
     # the plain min/max grid point, as llama.cpp starts from it

@@ -248,8 +248,10 @@ def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
 
 
 def type_counts(plan: GGUFPlan) -> dict[T, int]:
+    """Weights per type over the block weights (embedding tables excluded: llama.cpp names a file
+    by its layers' type, e.g. Q4_0 even though its embeddings are Q6_K or Q8_0)."""
     counts: dict[T, int] = {}
     for t in plan.targets:
-        if t.sources and len(t.shape) > 1:
+        if t.sources and len(t.shape) > 1 and t.gguf not in mixes.EMBEDDINGS:
             counts[t.choice.qtype] = counts.get(t.choice.qtype, 0) + int(np.prod(t.shape))
     return counts
