@@ -140,6 +140,11 @@ def validate_layout(text_config: dict, force: bool, where: str = "model") -> lis
     return lines
 
 
+def describe_layout() -> list[str]:
+    """One line per hard-coded value, for the README and the run manifest."""
+    return [f"{k} = {v!r}" for k, v in LLAMACPP_GEMMA3N.items()] + [f"source: {LLAMACPP_SOURCE}"]
+
+
 def _summarise_types(types: list[str]) -> str:
     return "".join("F" if t.startswith("full") else "S" if t.startswith("sliding") else "?" for t in types)
 
