@@ -247,7 +247,9 @@ def test_written_file_metadata_vocab_and_tensors(tiny_random, tmp_path):
     assert tokens[4097] == added[4097] == "<image_soft_token>" and types[4097] == TokenType.CONTROL
     assert tokens[2] == "<bos>" and _field(r, "tokenizer.ggml.bos_token_id") == 2
     assert "start_of_turn" in _field(r, "tokenizer.chat_template")
-    assert "t" in _field(r, "quantize.source_model") or _field(r, "quantize.source_model")
+    assert _field(r, "quantize.source_model") == str(tiny_random)
+    assert json.loads(_field(r, "quantize.recipe"))["name"] == "t"
+    assert _field(r, "general.file_type") == 0  # ALL_F32
     t = {x.name: x for x in r.tensors}
     emb = t["token_embd.weight"]
     ref = Checkpoint(tiny_random).get("model.language_model.embed_tokens.weight").numpy()

@@ -214,6 +214,6 @@ def test_vision_mmproj_encodes_an_image_like_transformers(tmp_path):
     cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     print(f"mmproj vs transformers: min cosine {cos.min():.5f}, relative error {rel:.4f}")
-    # F16 kernels and ggml's fp16 GELU table against transformers in fp32
-    assert cos.min() > 0.99
-    assert rel < 0.05
+    # measured: min cosine 1.00000, relative error 0.0022 (F16 kernels against fp32 transformers)
+    assert cos.min() > 0.999
+    assert rel < 0.01
