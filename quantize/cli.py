@@ -52,7 +52,15 @@ def _cmd_run(args) -> int:
         recipe = recipe.model_copy(update={"exports": recipe.exports.model_copy(update={"gguf": gguf})})
     result = run(recipe, dry_run=args.dry_run, allow_pickle=args.allow_pickle)
     if args.dry_run:
-        print(json.dumps(result.plan.to_json(), indent=2) if args.json else format_plan(result.plan))
+        if args.json:
+            print(json.dumps(result.plan.to_json(), indent=2))
+        else:
+            print(format_plan(result.plan))
+            st = recipe.exports.safetensors
+            if st is not None and st.enabled:
+                from quantize.formats.safetensors.writer import predicted_bytes
+
+                print(f"predicted safetensors artifact ({st.format}): {predicted_bytes(result.plan, st):,} bytes")
         return 0
     print(f"wrote {result.out_dir}:")
     for a in result.artifacts:

@@ -53,12 +53,23 @@ def _check_calibration_paths(recipe: Recipe) -> None:
 
 
 def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
-    """Refuse, before any work, what an export format cannot represent."""
+    """Refuse, before any weight is read, what an export format cannot represent (the writers'
+    own planning steps: llama.cpp's hard-coded Gemma 3n layout, mtmd's limits, layouts)."""
+    from quantize.formats.base import ExportContext
+
+    st = recipe.exports.safetensors
+    if st is not None and st.enabled:
+        from quantize.formats.safetensors.writer import validate_safetensors
+
+        validate_safetensors(plan, st)
     gguf = recipe.exports.gguf
     if gguf is not None and gguf.enabled:
-        from quantize.formats.gguf import validate_gguf
+        from quantize.formats.gguf import mmproj, plan_text
 
-        validate_gguf(ckpt, plan, gguf)
+        ctx = ExportContext(recipe=recipe, source=TensorSource(ckpt, plan), out_dir=Path(recipe.output), provenance={})
+        plan_text(ctx, gguf)
+        if gguf.mmproj:
+            mmproj.plan_mmproj(ctx, gguf)
 
 
 def needs_calibration(plan: Plan) -> bool:
@@ -104,13 +115,16 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     from quantize.formats.base import ExportContext
 
     calib_manifest: dict | None = None
-    precomputed: dict = {}
-    kv_scales: dict = {}
-    report: dict = {}
+    seq = None
     if needs_calibration(plan) or recipe.kv_cache.fp8:
-        calib_manifest, precomputed, kv_scales, report = _calibrate_text(recipe, ckpt, plan, progress)
-
-    source = TensorSource(ckpt, plan, precomputed=precomputed, kv_scales=kv_scales)
+        calib_manifest, seq = _calibrate_text(recipe, ckpt, plan, progress)
+    source = TensorSource(
+        ckpt,
+        plan,
+        precomputed=seq.tensors if seq else {},
+        updated=seq.updated if seq else {},
+        kv_scales=seq.kv_scales if seq else {},
+    )
     digest = model_hash(ckpt)
     provenance = {
         "recipe": recipe.name,
@@ -126,15 +140,17 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
 
         log.info("writing safetensors (%s)", recipe.exports.safetensors.format)
         artifacts += write_safetensors(ctx, recipe.exports.safetensors)
+        from quantize.formats.safetensors.writer import export_notes
+
+        notes += export_notes(plan, recipe.exports.safetensors)
     if recipe.exports.gguf is not None and recipe.exports.gguf.enabled:
         from quantize.formats.gguf import write_gguf
 
         log.info("writing GGUF (%s)", recipe.exports.gguf.mix)
         artifacts += write_gguf(ctx, recipe.exports.gguf)
-        notes.append(
-            "GGUF: the audio tower is not in the mmproj: llama.cpp declares the gemma3na projector but "
-            "implements no graph for it, so llama.cpp cannot run Gemma 3n audio; use the safetensors artifact"
-        )
+        from quantize.formats.gguf import AUDIO_NOTE
+
+        notes.append(AUDIO_NOTE)
     manifest = build_manifest(
         recipe=recipe,
         ckpt=ckpt,
@@ -143,8 +159,8 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
         out_dir=out,
         artifacts=artifacts,
         calibration=calib_manifest,
-        quantization_report=report,
-        kv_scales=kv_scales,
+        quantization_report=seq.report if seq else {},
+        kv_scales=source.kv_scales,
         notes=notes,
     )
     write_json_atomic(out / "manifest.json", manifest)
@@ -173,7 +189,7 @@ def _calibrate_text(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool
         model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress
     )
     del model
-    return calib.manifest, dict(result.tensors), dict(getattr(result, "kv_scales", {}) or {}), dict(result.report)
+    return calib.manifest, result
 
 
 def check_output_free(recipe: Recipe) -> None:

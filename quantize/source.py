@@ -23,6 +23,8 @@ class TensorSource:
     plan: Plan
     # Results computed ahead (sequential GPTQ/AWQ on the text decoder), by tensor name.
     precomputed: Mapping[str, QuantizedTensor] = field(default_factory=dict)
+    # Float tensors the calibration changed without quantizing (AWQ folds scales into norms).
+    updated: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # Per-input-column activation statistics (mean x^2) for importance RTN, by tensor name.
     importance: Mapping[str, torch.Tensor] = field(default_factory=dict)
     # fp8 KV-cache scales per KV group producer layer: {producer: (k_scale, v_scale)}.
@@ -41,7 +43,7 @@ class TensorSource:
     def get(self, name: str) -> QuantizedTensor | torch.Tensor:
         entry = self.plan[name]
         if not entry.quantized:
-            return self.checkpoint.get(name)
+            return self.updated[name] if name in self.updated else self.checkpoint.get(name)
         if name in self.precomputed:
             return self.precomputed[name]
         from quantize.methods.dispatch import quantize_tensor
