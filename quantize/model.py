@@ -225,29 +225,56 @@ def resolve_model(ref: str | Path, allow_pickle: bool = False, cache_dir: str | 
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{path}: a model is a folder with config.json and *.safetensors, not a file")
-        _refuse_pickle(path, allow_pickle)
-        return path
+        return _refuse_pickle(path, allow_pickle)
     if ref_s.startswith((".", "/", "~")) or ref_s.count("/") != 1:
         raise ModelError(f"model {ref_s!r}: no such folder, and not a hub id of the form owner/name")
     return _from_hub(ref_s, allow_pickle)
 
 
-def _refuse_pickle(folder: Path, allow_pickle: bool) -> None:
+def _refuse_pickle(folder: Path, allow_pickle: bool) -> Path:
+    """The folder itself when it has safetensors; a safetensors copy of a pickle checkpoint only
+    with ``allow_pickle`` (unpickling can run arbitrary code)."""
     if any(folder.glob("*.safetensors")):
-        return
-    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        return folder
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and not allow_pickle:
         raise ModelError(
-            f"{folder}: only pickle checkpoints ({', '.join(sorted(pickles))}); they can run code when loaded. "
+            f"{folder}: only pickle checkpoints ({', '.join(pickles)}); they can run code when loaded. "
             "Convert to safetensors, or pass --allow-pickle if you trust the source"
         )
-    if pickles:
-        _convert_pickle(folder)
+    return _convert_pickle(folder) if pickles else folder
 
 
-def _convert_pickle(folder: Path) -> None:
-    raise ModelError(f"{folder}: pickle checkpoints are accepted with --allow-pickle but must first be converted: "
-                     "load with transformers and save_pretrained(safe_serialization=True)")
+def _convert_pickle(folder: Path) -> Path:
+    """Load a trusted pickle checkpoint once with transformers and keep a safetensors copy
+    (in the cache, keyed by the pickle files' sizes and mtimes) that the pipeline reads."""
+    import hashlib
+    import shutil
+
+    from transformers import AutoProcessor, Gemma3nForConditionalGeneration
+
+    from quantize.tiny import default_cache_dir
+
+    key = hashlib.sha256(
+        "".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(folder.iterdir())).encode()
+    ).hexdigest()[:16]
+    dest = default_cache_dir() / f"converted-{folder.name}-{key}"
+    if (dest / "config.json").exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), use_safetensors=False)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        try:
+            AutoProcessor.from_pretrained(str(folder)).save_pretrained(str(tmp))
+        except Exception:  # a checkpoint without processor files still quantizes (text only)
+            pass
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{folder}: could not convert the pickle checkpoint to safetensors ({e})") from None
+    tmp.rename(dest)
+    return dest
 
 
 def _from_hub(repo: str, allow_pickle: bool) -> Path:

@@ -63,3 +63,25 @@ def test_inspect(tiny_random):
     for needle in ("per-layer embeddings", "AltUp", "LAuReL", "vision tower", "audio tower",
                    "multimodal embedders", "layer 19 -> layers 24", "layers.20.self_attn.k_proj.weight"):
         assert needle in r.stdout, needle
+
+
+def test_pickle_checkpoint_converted_only_with_flag(tmp_path, tiny_random, monkeypatch):
+    """--allow-pickle: a .bin checkpoint is loaded once and read as safetensors; the converted
+    folder holds the same tensors transformers loads from the pickle."""
+    import torch
+    from safetensors.torch import load_file
+
+    from quantize.model import Checkpoint, resolve_model
+
+    monkeypatch.setenv("GEMMA3N_QUANT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "pkl"
+    src.mkdir()
+    (src / "config.json").write_text((tiny_random / "config.json").read_text())
+    state = load_file(str(tiny_random / "model.safetensors"))
+    torch.save(state, src / "pytorch_model.bin")
+    r = _run("inspect", str(src))
+    assert r.returncode == 2 and "--allow-pickle" in r.stderr
+    folder = resolve_model(src, allow_pickle=True)
+    ckpt = Checkpoint(folder)
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(ckpt.get(name), state[name])
