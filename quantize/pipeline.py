@@ -72,11 +72,16 @@ def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
             mmproj.plan_mmproj(ctx, gguf)
 
 
+def _text_calibrated(e) -> bool:
+    return e.quantized and e.tower == "text" and (e.scheme.method in CALIBRATED_METHODS or e.scheme.importance)
+
+
+def _tower_calibrated(e) -> bool:
+    return e.quantized and e.tower in ("vision", "audio") and e.scheme.importance
+
+
 def needs_calibration(plan: Plan) -> bool:
-    return any(
-        e.quantized and e.tower == "text" and (e.scheme.method in CALIBRATED_METHODS or e.scheme.importance)
-        for e in plan.entries
-    )
+    return any(_text_calibrated(e) or _tower_calibrated(e) for e in plan.entries)
 
 
 def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, progress: bool = True) -> RunResult:
@@ -116,13 +121,15 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
 
     calib_manifest: dict | None = None
     seq = None
+    importance: dict = {}
     if needs_calibration(plan) or recipe.kv_cache.fp8:
-        calib_manifest, seq = _calibrate_text(recipe, ckpt, plan, progress)
+        calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress)
     source = TensorSource(
         ckpt,
         plan,
         precomputed=seq.tensors if seq else {},
         updated=seq.updated if seq else {},
+        importance=importance,
         kv_scales=seq.kv_scales if seq else {},
     )
     digest = model_hash(ckpt)
@@ -135,6 +142,8 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     ctx = ExportContext(recipe=recipe, source=source, out_dir=out, provenance=provenance)
     artifacts: list[Path] = []
     notes: list[str] = list(plan.notes)
+    if importance:
+        notes.append(f"importance-weighted RTN: {len(importance)} vision/audio weights scaled by calibration activations")
     if recipe.exports.safetensors is not None and recipe.exports.safetensors.enabled:
         from quantize.formats.safetensors import write_safetensors
 
@@ -167,29 +176,43 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     return RunResult(plan=plan, artifacts=artifacts, manifest=manifest)
 
 
-def _calibrate_text(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
-    """Sequential, layer-by-layer calibration of the text decoder (GPTQ / AWQ / importance)."""
+def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
+    """Build the calibration set once; gather the towers' activation statistics (importance
+    RTN), then calibrate and quantize the text decoder layer by layer (GPTQ / AWQ / importance).
+
+    Returns the calibration manifest, the sequential result (or None) and the towers' statistics.
+    """
     import torch
     from transformers import AutoProcessor, Gemma3nForConditionalGeneration
 
     from calibrate import build_calibration
     from quantize.sequential import quantize_text_decoder
+    from quantize.tower_stats import tower_importance
 
     torch.manual_seed(recipe.seed)
     processor = AutoProcessor.from_pretrained(str(ckpt.folder))
     calib = build_calibration(recipe.calibration, processor, seed=recipe.seed)
-    batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
     model = Gemma3nForConditionalGeneration.from_pretrained(str(ckpt.folder), dtype=torch.float32).eval()
-    schemes = {
-        e.name: e.scheme
-        for e in plan.entries
-        if e.quantized and e.tower == "text" and (e.scheme.method in CALIBRATED_METHODS or e.scheme.importance)
-    }
-    result = quantize_text_decoder(
-        model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress
-    )
+
+    importance: dict = {}
+    towers = {e.tower for e in plan.entries if _tower_calibrated(e)}
+    if towers:
+        log.info("collecting activation statistics of the %s tower(s)", " and ".join(sorted(towers)))
+        importance = tower_importance(
+            model,
+            calib.images if "vision" in towers else None,
+            calib.audio if "audio" in towers else None,
+        )
+
+    schemes = {e.name: e.scheme for e in plan.entries if _text_calibrated(e)}
+    result = None
+    if schemes or recipe.kv_cache.fp8:
+        batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
+        result = quantize_text_decoder(
+            model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress
+        )
     del model
-    return calib.manifest, result
+    return calib.manifest, result, importance
 
 
 def check_output_free(recipe: Recipe) -> None:
