@@ -312,3 +312,29 @@ def test_cuda_matches_cpu(random_model, fresh):
             assert torch.equal(qt.codes, cpu.tensors[n].codes)  # RTN does not depend on activations
     for i in range(25):
         assert gpu.report[i]["rel_error"] == pytest.approx(cpu.report[i]["rel_error"], rel=0.25, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_multimodal_batch_reaches_the_decoder(tiny_random, fresh):
+    """An image batch runs the vision tower once; layer 0 is calibrated on the merged embeddings."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_random)
+    img = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8"))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "describe"}]}]
+    batch = dict(proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"))
+    assert "pixel_values" in batch
+    layer0 = fresh.model.language_model.layers[0]
+    with torch.no_grad():
+        want = []
+        h = layer0.register_forward_pre_hook(lambda m, a: want.append(a[0].clone()))
+        fresh(**batch)
+        h.remove()
+        got = []
+        h = layer0.register_forward_pre_hook(lambda m, a: got.append(a[0].clone()))
+        res = quantize_text_decoder(fresh, {text_linear_name(0, "mlp.down_proj"): PRESET_SCHEMES["int4_gptq"]}, [batch], progress=False)
+        h.remove()
+    assert torch.equal(got[-1], want[0])  # includes the image soft tokens' embeddings
+    assert 0 < res.report[0]["rel_error"] < 1
