@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 FLAVOURS = ("random", "trained")
 TEXT_VOCAB = 4096  # SentencePiece pieces; the 256 vision/audio slots follow, as in Gemma 3n
 MM_SLOTS = 128  # per modality
-BUILDER_VERSION = "5"  # bump when anything below changes the weights or files
+BUILDER_VERSION = "6"  # bump when anything below changes the weights or files
 
 # Special pieces inside the SentencePiece model (after <pad>, <eos>, <bos>, <unk> at 0-3).
 SP_USER_SYMBOLS = ("<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<start_of_audio>")
@@ -203,7 +203,21 @@ def train_sentencepiece(out_dir: Path, seed: int) -> Path:
     )
     corpus.unlink()
     (out_dir / "tokenizer.vocab").unlink()
-    return prefix.with_suffix(".model")
+    model_path = prefix.with_suffix(".model")
+    _strip_trainer_paths(model_path)
+    return model_path
+
+
+def _strip_trainer_paths(model_path: Path) -> None:
+    """SentencePiece stores its trainer's input and output paths (here a temporary folder) in
+    the model: blank them so the same corpus and seed give a byte-identical tokenizer.model."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = "tokenizer"
+    model_path.write_bytes(proto.SerializeToString())
 
 
 def build_tokenizer(folder: Path):
