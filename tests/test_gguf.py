@@ -313,3 +313,25 @@ def test_vision_names_reshape_layer_scales(tiny_random):
         m = map_name(n, VISION_RULES)
         assert m.transform == "gamma4d" and m.gguf.startswith("v.blk.") and m.gguf.endswith("layer_scale.gamma")
     assert map_name("model.embed_vision.embedding_projection.weight", VISION_RULES).gguf == "mm.input_projection.weight"
+
+
+def test_mmproj_tensors_names_shapes_and_forced_types(tiny_random, tmp_path):
+    from quantize.formats.gguf.mmproj import vision_plan
+
+    ctx, opts = make_ctx(tiny_random, tmp_path, "auto", towers={**KEEP_ALL, "vision": "int8_channel"}, mmproj=True)
+    plan = vision_plan(ctx, opts)
+    t = {x.gguf: x for x in plan.targets}
+    ck = Checkpoint(tiny_random)
+    blocks_ck = [n for n in ck.tensors if ".timm_model.blocks." in n]
+    assert len([n for n in t if n.startswith("v.blk.")]) == len(blocks_ck)
+    gamma = next(x for n, x in t.items() if n.endswith("layer_scale.gamma"))
+    assert len(gamma.shape) == 4 and gamma.shape[0] == gamma.shape[2] == gamma.shape[3] == 1
+    assert t["v.conv_stem.conv.bias"].shape == (1, 64, 1, 1)
+    assert t["v.conv_stem.conv.weight"].choice.qtype == T.F32  # the converter forces the stem to F32
+    assert t["mm.input_projection.weight"].choice.qtype == T.F16
+    assert t["mm.input_projection.weight"].shape == (256, 2048)  # (text, vision): ggml ne[0] is the vision width
+    assert t["v.blk.1.0.pw_exp.conv.weight"].choice.qtype == T.F16  # mtmd's conv kernels take F16/F32 only
+    assert t["v.blk.1.0.pw_exp.conv.weight"].dequantize  # auto: our int8 weights, not the originals
+    assert any("dequantized" in n for n in plan.notes)
+    assert not any("audio" in s or "conformer" in s for x in plan.targets for s in x.sources)
+    assert plan.path.name == "mmproj-t-f16.gguf"

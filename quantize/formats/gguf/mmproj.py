@@ -55,9 +55,8 @@ def image_geometry(folder: Path) -> tuple[int, int, int]:
     return int(size), int(size) // seq, seq
 
 
-def plan_mmproj(ctx, options) -> GGUFPlan:
-    cfg = ctx.source.config
-    where = f"{ctx.source.checkpoint.folder}/config.json"
+def check_mtmd_limits(cfg: dict, where: str) -> None:
+    """Refuse what mtmd cannot run (see the module docstring)."""
     vc = cfg.get("vision_config")
     if not vc:
         raise ExportError(f"{where}: no vision_config; set exports.gguf.mmproj: false for a text-only model")
@@ -70,6 +69,15 @@ def plan_mmproj(ctx, options) -> GGUFPlan:
             f"input projection's vision axis and refuses such a model ('mismatch between text model and mmproj'). "
             f"Set exports.gguf.mmproj: false (vision stays available through the safetensors export)"
         )
+
+
+def plan_mmproj(ctx, options) -> GGUFPlan:
+    check_mtmd_limits(ctx.source.config, f"{ctx.source.checkpoint.folder}/config.json")
+    return vision_plan(ctx, options)
+
+
+def vision_plan(ctx, options) -> GGUFPlan:
+    """The mmproj's tensors (names, shapes, types), without mtmd's width check."""
     mix = options.mix
     float_t = T.F32 if mix == "F32" else T.F16
     targets: list[Target] = []
