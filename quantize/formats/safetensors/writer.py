@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from quantize.errors import ExportError
-from quantize.formats.safetensors.layout import header_bytes, plan_layouts
+from quantize.formats.safetensors.layout import header_bytes, is_compressible, plan_layouts
 from quantize.formats.safetensors.shards import INDEX
 
 log = logging.getLogger(__name__)
@@ -91,19 +91,27 @@ def export_notes(plan, options) -> list[str]:
         from quantize.formats.safetensors.bnb import bnb_notes
 
         return notes + bnb_notes(plan, options)
-    deq = [lay.entry.name for lay in plan_layouts(plan) if lay.kind == "dequantized"]
+    convs = [lay for lay in plan_layouts(plan) if lay.kind == "dequantized" and not is_compressible(lay.entry)]
+    deq = [lay.entry.name for lay in convs]
     if deq:
-        towers = sorted({lay.entry.tower for lay in plan_layouts(plan) if lay.kind == "dequantized"})
+        towers = sorted({lay.entry.tower for lay in convs})
         notes.append(
             f"safetensors: {len(deq)} quantized convolution weights ({', '.join(towers)}) are written dequantized "
             "in the source dtype and listed in quantization_config.ignore: compressed-tensors, transformers and "
             "vLLM compress only Linear and Embedding weights. Their values are the quantized ones; their size is not reduced"
         )
-    emb = [lay.entry.name for lay in plan_layouts(plan) if lay.kind in ("packed", "fp8") and "embed" in lay.entry.name and lay.entry.tower in ("token_embeddings", "per_layer_embeddings", "embedders")]
+    emb = [lay.entry.name for lay in plan_layouts(plan) if lay.kind == "naive"]
     if emb:
         notes.append(
-            "safetensors: quantized embedding tables (" + ", ".join(emb) + ") load in transformers through "
-            "compressed-tensors' Embedding support; vLLM quantizes Linear layers only and needs them kept (recipe "
-            "towers.token_embeddings / per_layer_embeddings: keep)"
+            "safetensors: quantized embedding tables (" + ", ".join(emb) + ") are stored naive-quantized (one int8 "
+            "per code plus scales): transformers loads them through compressed-tensors' Embedding support. vLLM "
+            "quantizes Linear layers through compressed-tensors and was not available to check embeddings; for vLLM, "
+            "keep these towers (recipe towers.per_layer_embeddings: keep)"
+        )
+    tied = [lay.entry.name for lay in plan_layouts(plan) if lay.kind == "dequantized" and lay.entry.tower == "token_embeddings"]
+    if tied:
+        notes.append(
+            "safetensors: the token embedding table is tied to lm_head and is written dequantized in the source dtype: "
+            "transformers ties lm_head to the stored int8 weight and its matmul fails otherwise"
         )
     return notes
