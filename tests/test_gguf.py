@@ -27,9 +27,10 @@ from quantize.source import TensorSource
 KEEP_ALL = {"text": "keep", "token_embeddings": "keep", "per_layer_embeddings": "keep", "vision": "keep", "audio": "keep"}
 
 
-def make_ctx(folder, out, mix="F32", towers=None, mmproj=False, force=False, precomputed=None, importance=None, **gguf_opts):
+def make_ctx(folder, out, mix="F32", towers=None, mmproj=False, force=False, precomputed=None, importance=None,
+             overrides=(), **gguf_opts):
     r = parse_recipe({
-        "name": "t", "model": str(folder), "output": str(out), "towers": towers or KEEP_ALL,
+        "name": "t", "model": str(folder), "output": str(out), "towers": towers or KEEP_ALL, "overrides": list(overrides),
         "exports": {"gguf": {"mix": mix, "mmproj": mmproj, "force": force, **gguf_opts}},
     })
     ck = Checkpoint(folder)
@@ -271,7 +272,7 @@ def test_gptq_codes_become_q4_0_bit_for_bit(tiny_random, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(512, w.shape[1])
     qt = gptq_quantize(name, w, x.T @ x / 512, resolve_scheme("int4_gptq"))
-    ctx, opts = make_ctx(tiny_random, tmp_path, "Q4_0", towers={**KEEP_ALL, "text": "int4_gptq"}, precomputed={name: qt},
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q4_0", overrides=[{"match": [name], "scheme": "int4_gptq"}], precomputed={name: qt},
                          token_embeddings="Q8_0", per_layer_embeddings="Q8_0")
     (path,) = write_gguf(ctx, opts)
     t = {x.name: x for x in GGUFReader(path).tensors}["blk.3.ffn_down.weight"]

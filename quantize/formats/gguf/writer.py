@@ -184,9 +184,11 @@ def _order(t: Target):
 
 
 def _values(ctx, src: str, t: Target) -> torch.Tensor | QuantizedTensor:
+    if not t.choice.exact and not t.dequantize:
+        return ctx.source.original(src)  # floats from the checkpoint: no need to quantize first
     v = ctx.source.get(src)
     if isinstance(v, QuantizedTensor) and not t.choice.exact:
-        return v.dequantize() if t.dequantize else ctx.source.original(src)
+        return v.dequantize()
     return v
 
 
