@@ -170,7 +170,7 @@ def test_text_plan_has_every_tensor_llama_cpp_loads(tiny_random, tmp_path):
     assert names["altup_proj.weight"].shape == (3, 256, 256)
     # KV-shared layers' k/v are zero placeholders in the cheapest type
     ph = names["blk.20.attn_k.weight"]
-    assert ph.sources == () and ph.choice.qtype == T.Q1_0
+    assert ph.sources == () and ph.choice.qtype == T.IQ1_S
     assert names["blk.19.attn_k.weight"].sources
 
 
@@ -258,9 +258,8 @@ def test_written_file_metadata_vocab_and_tensors(tiny_random, tmp_path):
     ple = t["per_layer_token_embd.weight"]
     data = np.asarray(ple.data).reshape(4352, -1)
     np.testing.assert_array_equal(data[4096:], 0)
-    assert t["blk.20.attn_v.weight"].tensor_type == T.Q1_0
-    # block_q1_0 is {fp16 d; 128 sign bits}: all-zero bytes mean d = 0, so every weight is 0
-    assert not np.asarray(t["blk.20.attn_v.weight"].data).any()
+    assert t["blk.20.attn_v.weight"].tensor_type == T.IQ1_S
+    np.testing.assert_array_equal(gq.dequantize(t["blk.20.attn_v.weight"].data, T.IQ1_S), 0)
 
 
 def test_gptq_codes_become_q4_0_bit_for_bit(tiny_random, tmp_path):

@@ -71,10 +71,12 @@ def use_more_bits(i: int, n: int) -> bool:
 
 
 def placeholder_type(cols: int, ndim: int) -> T:
-    """Cheapest type whose all-zero bytes llama.cpp loads (Q1_0: 1.125 bits per weight)."""
+    """Cheapest type whose all-zero bytes decode to zeros and that every llama.cpp backend of the
+    last two years runs: IQ1_S (1.5625 bits per weight; its block scale d = 0 zeroes the block).
+    The newer Q1_0 (1.125) is smaller but unknown to older llama.cpp builds and GPU backends."""
     if ndim == 1:
         return T.F32
-    for t in (T.Q1_0, T.Q4_0):
+    for t in (T.IQ1_S, T.Q4_0):
         if fits(t, cols):
             return t
     return T.F16

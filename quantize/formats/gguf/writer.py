@@ -11,7 +11,7 @@ KV-shared layers: llama.cpp's loader requires ``blk.N.attn_k``, ``attn_v`` and `
 for every layer, but ``gemma3n.cpp`` never reads them for layers >= 20 (``hparams.has_kv(il)``
 is false there; those layers take K/V from layers 18/19's cache). Google's checkpoints carry
 dead weights there, transformers >= 5 drops them. Either way we write zeros in the cheapest type
-the loader accepts (Q1_0, 1.125 bits per weight; Q4_0 or F16 where the row length does not
+the loader accepts (IQ1_S, 1.5625 bits per weight; Q4_0 or F16 where the row length does not
 allow it; 1-D norms as F32): the file loads, and the numbers can never matter.
 """
 from __future__ import annotations
