@@ -134,20 +134,23 @@ def _model_device(model) -> torch.device:
     return model.model.language_model.embed_tokens.weight.device
 
 
-def _to(x, device):
+def _to(x, device, dtype: torch.dtype | None = None):
+    """Tensors (in nested tuples/lists/dicts) to a device; floating ones also to ``dtype`` if given."""
     if isinstance(x, torch.Tensor):
+        if dtype is not None and x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
         return x.to(device)
     if isinstance(x, tuple):
-        return tuple(_to(v, device) for v in x)
+        return tuple(_to(v, device, dtype) for v in x)
     if isinstance(x, list):
-        return [_to(v, device) for v in x]
+        return [_to(v, device, dtype) for v in x]
     if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: _to(v, device, dtype) for k, v in x.items()}
     return x
 
 
 @torch.no_grad()
-def capture_layer_inputs(model, batches: Sequence[dict], device) -> tuple[list[torch.Tensor], list[_BatchContext]]:
+def capture_layer_inputs(model, batches: Sequence[dict], device, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[_BatchContext]]:
     """Layer 0's hidden states and every layer's side inputs, per batch, from the model's own forward.
 
     Each decoder layer's ``forward`` is replaced for the duration by a recorder that keeps the
@@ -197,13 +200,13 @@ def capture_layer_inputs(model, batches: Sequence[dict], device) -> tuple[list[t
             extra = {k: v for k, v in kw0.items()
                      if k not in ("attention_mask", "position_ids", "shared_kv_states", "cache", "past_key_values",
                                   "position_embeddings", "per_layer_input")}
-            hidden.append(args0[0].to(device))
+            hidden.append(args0[0].to(device=device, dtype=dtype))
             contexts.append(_BatchContext(
-                position_embeddings=_to(pe, device),
-                masks=_to(masks, device),
-                per_layer_inputs=pli.to(device),
+                position_embeddings=_to(pe, device, dtype),
+                masks=_to(masks, device, dtype),
+                per_layer_inputs=pli.to(device=device, dtype=dtype),
                 position_ids=_to(kw0.get("position_ids"), device),
-                kwargs=extra,
+                kwargs=_to(extra, device, dtype),
                 shared_kv=KVSharingDict(),
             ))
             seen.clear()
@@ -273,12 +276,17 @@ def quantize_text_decoder(
     device: str | torch.device = "cpu",
     kv_fp8: bool = False,
     progress: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> SequentialResult:
     """Calibrate and quantize the text decoder's linears layer by layer (see the module doc).
 
     ``model``: a loaded ``Gemma3nForConditionalGeneration``; its decoder weights are replaced in
     place by their fake-quantized values. ``schemes``: checkpoint name -> scheme for the linears
     to quantize here (others stay as they are). ``batches``: model input dicts.
+    ``compute_dtype``: the layer being calibrated and the activations passed between layers use
+    it (a bf16 model is upcast one layer at a time, so statistics and the propagated
+    fake-quantized function stay fp32; the layer goes back to its own dtype afterwards, where
+    ``codes * scale`` may round: the returned ``QuantizedTensor``s are exact regardless).
     """
     from tqdm.auto import tqdm
 
@@ -295,7 +303,7 @@ def quantize_text_decoder(
     modes = cfg.kv_sharing_modes if hasattr(cfg, "kv_sharing_modes") else ["own"] * len(lm.layers)
     result = SequentialResult()
 
-    hidden, contexts = capture_layer_inputs(model, batches, device)
+    hidden, contexts = capture_layer_inputs(model, batches, device, compute_dtype)
     kv_ranges: dict[int, KVRange] = {}
     producer_of_type: dict[str, int] = {}
 
@@ -303,8 +311,9 @@ def quantize_text_decoder(
     for i in bar:
         t0 = time.perf_counter()
         layer = lm.layers[i]
-        home = layer.self_attn.q_proj.weight.device
-        layer.to(device)
+        home = layer.self_attn.q_proj.weight
+        home_device, home_dtype = home.device, home.dtype
+        layer.to(device=device, dtype=compute_dtype)
         lt = types[i]
         wanted = by_layer.get(i, {})
         rep = {"methods": {}, "fallbacks": {}, "notes": []}
@@ -371,7 +380,7 @@ def quantize_text_decoder(
             rep["rel_error"] = 0.0
         hidden = new_hidden
         del reference
-        layer.to(home)
+        layer.to(device=home_device, dtype=home_dtype)
         rep["seconds"] = round(time.perf_counter() - t0, 3)
         result.report[i] = rep
         for p, why in rep["fallbacks"].items():
