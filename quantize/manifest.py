@@ -72,7 +72,11 @@ def build_manifest(*, recipe, ckpt, plan, model_digest, out_dir: Path, artifacts
             "dead_kv_not_quantized": [e.name for e in plan.entries if e.dead],
         },
         "calibration": calibration,
-        "quantization": quantization_report,
+        # Wall times vary run to run; the manifest keeps only what the inputs determine.
+        "quantization": {
+            str(layer): {k: v for k, v in entry.items() if k != "seconds"} if isinstance(entry, dict) else entry
+            for layer, entry in quantization_report.items()
+        },
         "kv_cache_scales": {str(k): list(v) for k, v in kv_scales.items()},
         "artifacts": files,
         "notes": notes,

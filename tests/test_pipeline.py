@@ -49,29 +49,33 @@ def test_manifest_lists_every_artifact_with_true_sums(demo_run):
     assert not list(out.parent.glob(".out.partial-*"))
 
 
-def test_gguf_and_safetensors_carry_the_same_int4_codes(demo_run, tiny_trained):
+def test_gguf_and_safetensors_carry_the_same_int4_codes(demo_run):
     """The text decoder's GPTQ codes reach both formats unchanged: gguf-py's Q4_0 dequantizer
-    and transformers' compressed-tensors loader see identical weights."""
+    and compressed-tensors' own pack-quantized decompressor give identical weights."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from gguf import GGUFReader
     from gguf.quants import dequantize
-    from transformers import Gemma3nForConditionalGeneration
+    from safetensors import safe_open
 
     out = demo_run.out_dir
     gguf_path = next(p for p in out.glob("*.gguf") if not p.name.startswith("mmproj"))
-    reader = GGUFReader(str(gguf_path))
-    tensors = {t.name: t for t in reader.tensors}
-    model = Gemma3nForConditionalGeneration.from_pretrained(str(out / "safetensors"))
-    layers = model.model.language_model.layers
-    for i, gguf_name, module in [(3, "blk.3.ffn_down.weight", "mlp.down_proj"), (18, "blk.18.attn_k.weight", "self_attn.k_proj")]:
-        t = tensors[gguf_name]
-        assert t.tensor_type.name == "Q4_0"
-        w_gguf = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))).copy())
-        mod = layers[i].get_submodule(module)
-        w_st = mod.weight if hasattr(mod, "weight") and mod.weight.dtype.is_floating_point else None
-        if w_st is None:  # compressed module: decompress through compressed-tensors itself
-            from compressed_tensors.linear.compressed_linear import CompressedLinear  # noqa: F401
-            w_st = mod.forward.__self__.compressor.decompress_module(mod)  # pragma: no cover
-        assert torch.equal(w_gguf.float(), w_st.detach().float()), gguf_name
+    tensors = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    decompressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    with safe_open(str(out / "safetensors" / "model.safetensors"), "pt") as f:
+        for gguf_name, module in [
+            ("blk.3.ffn_down.weight", "model.language_model.layers.3.mlp.down_proj"),
+            ("blk.18.attn_k.weight", "model.language_model.layers.18.self_attn.k_proj"),
+        ]:
+            t = tensors[gguf_name]
+            assert t.tensor_type.name == "Q4_0"
+            w_gguf = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(tuple(reversed(t.shape.tolist())))
+            local = {k: f.get_tensor(f"{module}.{k}") for k in ("weight_packed", "weight_scale", "weight_shape")}
+            local["weight_scale"] = local["weight_scale"].float()
+            w_ct = decompressor.decompress(local, scheme)["weight"]
+            assert torch.equal(w_gguf.float(), w_ct.float()), gguf_name
 
 
 def test_quantized_safetensors_close_to_reference(demo_run, tiny_trained):
@@ -92,12 +96,14 @@ def test_quantized_safetensors_close_to_reference(demo_run, tiny_trained):
     assert 0 < sum(kls) / len(kls) < 0.1, kls
 
 
-def test_rerun_is_byte_identical(demo_run, tiny_trained, tmp_path):
+def test_rerun_is_byte_identical(demo_run, tiny_trained):
+    """The same recipe (same output folder included: it is part of the recorded recipe), model
+    and seed: every file of the rerun, manifest included, has the same bytes."""
     from calibrate.config import CalibrationConfig
 
-    recipe = _demo(tiny_trained, tmp_path / "again", calibration=CalibrationConfig.model_validate(SMALL_CALIBRATION))
-    again = run(recipe, progress=False)
-    a = json.loads((demo_run.out_dir / "manifest.json").read_text())["artifacts"]
-    b = json.loads((again.out_dir / "manifest.json").read_text())["artifacts"]
-    assert [(f["path"], f["sha256"]) for f in a] == [(f["path"], f["sha256"]) for f in b]
-    assert _sha(demo_run.out_dir / "manifest.json") == _sha(again.out_dir / "manifest.json")
+    out = demo_run.out_dir
+    before = {p.relative_to(out): _sha(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    recipe = _demo(tiny_trained, out, calibration=CalibrationConfig.model_validate(SMALL_CALIBRATION))
+    run(recipe, progress=False)
+    after = {p.relative_to(out): _sha(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    assert before == after

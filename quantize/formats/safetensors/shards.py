@@ -18,6 +18,24 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+def canonicalize_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys: the library serialises its maps in hash
+    order, which differs between processes (seen: ``__metadata__`` keys reordered), and a rerun
+    must give byte-identical files. Data offsets are relative to the data start, so only the
+    header changes; it is padded with spaces to 8 bytes, as safetensors does."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        f.seek(0)
+        f.write(struct.pack("<Q", len(text)) + text + data)
+        f.truncate()
+
+
 class ShardWriter:
     def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str]):
         self.folder = folder
@@ -48,6 +66,7 @@ class ShardWriter:
             return
         path = self.folder / f".shard-{len(self.parts):05d}.tmp"
         save_file(self.buffer, str(path), metadata=self.metadata)
+        canonicalize_header(path)
         self.parts.append((path, list(self.buffer)))
         self.buffer, self.buffer_bytes = {}, 0
 
