@@ -117,11 +117,11 @@ def test_f32_export_matches_transformers(tiny_trained, heldout_tokens, f32_logit
     assert agree > 0.95
 
 
-# Mean KL against the F32 export over the held-out tokens, measured on the tiny trained model:
-# Q8_0 1.7e-5, Q4_0 9.3e-5, Q4_K_M 1.0e-4 (its tied embeddings are Q6_K in Q4_0 and Q4_K_M, which
-# dominates at this size). Bounds give about 3x headroom. Q4_K_M holds both Q4_K and Q6_K blocks
-# from our encoder.
-@pytest.mark.parametrize("mix,bound", [("Q8_0", 5e-5), ("Q4_0", 3e-4), ("Q4_K_M", 3e-4)])
+# Mean KL against the F32 export over the held-out tokens, measured on two builds of the tiny
+# trained model: Q8_0 1.7e-5 / 2.4e-5, Q4_0 9.3e-5 / 1.5e-4, Q4_K_M 1.0e-4 / 1.5e-4 (the tied
+# embeddings are Q6_K in Q4_0 and Q4_K_M, which dominates at this size); the F32 export itself is
+# at 1e-9. Bounds leave about 3x headroom. Q4_K_M holds both Q4_K and Q6_K blocks from our encoder.
+@pytest.mark.parametrize("mix,bound", [("Q8_0", 1e-4), ("Q4_0", 5e-4), ("Q4_K_M", 5e-4)])
 def test_quantized_exports_load_and_stay_close_to_f32(tiny_trained, heldout_tokens, f32_logits, tmp_path, mix, bound):
     _, toks = heldout_tokens
     path = _export(tiny_trained, tmp_path, mix)
