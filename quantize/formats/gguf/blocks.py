@@ -45,12 +45,6 @@ def exact_type(qt: QuantizedTensor) -> T | None:
     return None
 
 
-def _block_scales(qt: QuantizedTensor) -> np.ndarray:
-    """fp16 scale of every 32-column block: each group's scale repeated over its blocks."""
-    reps = qt.group_size // 32
-    return np.repeat(qt.scales.to(torch.float16).numpy(), reps, axis=1)  # (rows, cols/32)
-
-
 def _fp16_bytes(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.astype(np.float16)).view(np.uint8).reshape(*a.shape, 2)
 
@@ -60,36 +54,45 @@ def _nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
 
 
+CHUNK_ELEMENTS = 1 << 24  # rows are packed in chunks of about this many values (bounded temporaries)
+
+
 def pack_exact(qt: QuantizedTensor, qtype: T) -> np.ndarray:
     if exact_type(qt) != qtype:
         raise ValueError(f"{qt.name}: {qt.scheme.label()} cannot be written as {qtype.name} without re-quantizing")
     rows, nb = qt.rows, qt.cols // 32
-    d = _fp16_bytes(_block_scales(qt))  # (rows, nb, 2)
-    codes = qt.codes.numpy().reshape(rows, nb, 32)
-    if qtype == T.Q8_0:
-        body = codes.astype(np.int8).view(np.uint8)
-        return np.concatenate([d, body], axis=2).reshape(rows, nb * 34)
-    if qtype == T.Q4_0:
-        q = (codes.astype(np.int16) + 8).astype(np.uint8)
-        return np.concatenate([d, _nibbles(q)], axis=2).reshape(rows, nb * 18)
-    # Q4_1: value = d * q + m, ours = (q - z) * s  ->  d = s, m = -s * z (rounded to fp16)
+    out = np.empty((rows, row_bytes(qtype, qt.cols)), np.uint8)
+    step = max(1, CHUNK_ELEMENTS // qt.cols)
     reps = qt.group_size // 32
-    z = np.repeat(qt.zero_points.numpy().astype(np.float32), reps, axis=1)
-    s = _block_scales(qt).astype(np.float32)
-    m = _fp16_bytes(-s * z)
-    q = codes.astype(np.uint8)
-    return np.concatenate([d, m, _nibbles(q)], axis=2).reshape(rows, nb * 20)
+    for r0 in range(0, rows, step):
+        sl = slice(r0, r0 + step)
+        n = out[sl].shape[0]
+        s16 = np.repeat(qt.scales[sl].to(torch.float16).numpy(), reps, axis=1)  # (n, nb) block scales
+        d = _fp16_bytes(s16)
+        codes = qt.codes[sl].numpy().reshape(n, nb, 32)
+        if qtype == T.Q8_0:
+            body = [codes.astype(np.int8).view(np.uint8)]
+        elif qtype == T.Q4_0:
+            body = [_nibbles((codes.astype(np.int16) + 8).astype(np.uint8))]
+        else:  # Q4_1: value = d * q + m, ours = (q - z) * s  ->  d = s, m = -s * z (rounded to fp16)
+            z = np.repeat(qt.zero_points[sl].numpy().astype(np.float32), reps, axis=1)
+            body = [_fp16_bytes(-s16.astype(np.float32) * z), _nibbles(codes.astype(np.uint8))]
+        out[sl] = np.concatenate([d, *body], axis=2).reshape(n, -1)
+    return out
 
 
 def pack_float(w: np.ndarray, qtype: T) -> np.ndarray:
-    """fp32 (rows, cols) -> bytes of ``qtype`` (F32, F16, BF16 or a legacy block type)."""
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    rows = w.shape[0]
-    if qtype == T.F32:
-        return w.view(np.uint8).reshape(rows, -1)
-    if qtype == T.F16:
-        return w.astype(np.float16).view(np.uint8).reshape(rows, -1)
-    if qtype in (T.BF16, *LEGACY_TYPES):
-        out = gq.quantize(w, qtype)
-        return np.ascontiguousarray(out).view(np.uint8).reshape(rows, -1)
-    raise ValueError(f"pack_float does not handle {qtype.name}")
+    """fp32 (rows, cols) -> bytes of ``qtype`` (F32, F16, BF16 or a legacy block type), in row chunks."""
+    rows, cols = w.shape
+    if qtype not in FLOAT_TYPES and qtype not in (T.BF16, *LEGACY_TYPES):
+        raise ValueError(f"pack_float does not handle {qtype.name}")
+    out = np.empty((rows, row_bytes(qtype, cols)), np.uint8)
+    step = max(1, CHUNK_ELEMENTS // cols)
+    for r0 in range(0, rows, step):
+        x = np.ascontiguousarray(w[r0:r0 + step], dtype=np.float32)
+        if qtype in FLOAT_TYPES:
+            enc = x.astype(FLOAT_TYPES[qtype])
+        else:
+            enc = gq.quantize(x, qtype)  # gguf's reference quantizer (llama.cpp's quantize_row_*_ref)
+        out[r0:r0 + x.shape[0]] = np.ascontiguousarray(enc).view(np.uint8).reshape(x.shape[0], -1)
+    return out

@@ -197,29 +197,33 @@ def pack_target(ctx, t: Target) -> np.ndarray:
     qtype = t.choice.qtype
     if not t.sources:
         return np.zeros(t.nbytes, np.uint8)
-    parts = []
+    rb = blocks.row_bytes(qtype, t.cols)
+    out = np.zeros((t.rows, rb), np.uint8)  # t.rows counts padded vocabulary rows: they stay zero
+    r = 0
     for src in t.sources:
         v = _values(ctx, src, t)
         if t.choice.exact:
             if not isinstance(v, QuantizedTensor) or blocks.exact_type(v) != qtype:
                 got = v.scheme.label() if isinstance(v, QuantizedTensor) else "a float tensor"
                 raise ExportError(f"{src}: the plan promised codes that {qtype.name} holds exactly, the source gave {got}")
-            parts.append(blocks.pack_exact(v, qtype))
-            continue
-        w = v.detach().to(torch.float32).reshape(-1, t.cols).numpy()
-        if qtype in kquants.BYTES:
-            imp = ctx.source.importance.get(src)
-            imp = None if imp is None or imp.numel() != t.cols else imp.to(torch.float32).numpy()
-            parts.append(kquants.encode_kquant(w, qtype, imp))
+            part = blocks.pack_exact(v, qtype)
         else:
-            parts.append(blocks.pack_float(w, qtype))
-    out = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-    if t.pad_rows:
-        out = np.concatenate([out, np.zeros((t.pad_rows, out.shape[1]), np.uint8)], axis=0)
-    out = np.ascontiguousarray(out).reshape(-1)
-    if out.nbytes != t.nbytes:
-        raise ExportError(f"{t.gguf}: packed {out.nbytes} bytes, expected {t.nbytes} for {qtype.name} {t.shape}")
-    return out
+            w = v.detach().to(torch.float32).reshape(-1, t.cols).numpy()
+            if qtype in kquants.BYTES:
+                imp = ctx.source.importance.get(src)
+                imp = None if imp is None or imp.numel() != t.cols else imp.to(torch.float32).numpy()
+                part = kquants.encode_kquant(w, qtype, imp)
+            else:
+                part = blocks.pack_float(w, qtype)
+        del v
+        if r + part.shape[0] > out.shape[0] or part.shape[1] != rb:
+            raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {qtype.name} {t.shape}")
+        out[r:r + part.shape[0]] = part
+        r += part.shape[0]
+        del part
+    if r + t.pad_rows != out.shape[0]:
+        raise ExportError(f"{t.gguf}: packed {r} rows (+{t.pad_rows} padding), expected {out.shape[0]} for {t.shape}")
+    return out.reshape(-1)
 
 
 def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
