@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantize.errors import QuantizeError, RecipeError
+from quantize.errors import RecipeError
 from quantize.manifest import build_manifest, model_hash, write_json_atomic
 from quantize.model import Checkpoint, resolve_model
 from quantize.plan import Plan, build_plan
@@ -34,6 +34,7 @@ class RunResult:
 
 def prepare(recipe: Recipe, allow_pickle: bool = False) -> tuple[Checkpoint, Plan]:
     """Resolve the model and build the plan (no weights are read)."""
+    _check_output(recipe)
     _check_calibration_paths(recipe)
     folder = resolve_model(recipe.model, allow_pickle=allow_pickle)
     ckpt = Checkpoint(folder)
@@ -215,8 +216,8 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
     return calib.manifest, result, importance
 
 
-def check_output_free(recipe: Recipe) -> None:
-    """A run must not write into a file path."""
+def _check_output(recipe: Recipe) -> None:
+    """A run replaces an output folder; it never writes over a file."""
     out = Path(recipe.output)
     if out.exists() and not out.is_dir():
-        raise QuantizeError(f"output {out} exists and is not a folder")
+        raise RecipeError(f"output: {out} exists and is not a folder")
