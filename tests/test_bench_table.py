@@ -1,0 +1,60 @@
+"""bench/compare_table.py: ratios, size-matched target verdicts and WORSE flags on hand-made rows."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import compare_table as table  # noqa: E402
+
+
+def row(name, side, qtype, size, kl, imatrix=None, pp=None, tg=None):
+    return {"name": name, "side": side, "type": qtype, "imatrix": imatrix, "size_bytes": size, "bpw": size / 100,
+            "ppl": 10 + kl, "kl_mean": kl, "top1": 0.9, "pp_tok_s": pp, "tg_tok_s": tg}
+
+
+ROWS = [
+    row("F32", "reference", "F32", 4000, 0.0),
+    row("lc Q8_0", "llama.cpp", "Q8_0", 1000, 0.0010, False, 100, 50),
+    row("lc Q8_0 imat", "llama.cpp", "Q8_0", 1000, 0.0008, True, 100, 50),
+    row("lc Q4_0", "llama.cpp", "Q4_0", 600, 0.050, False, 120, 60),
+    row("lc Q4_0 imat", "llama.cpp", "Q4_0", 600, 0.040, True, 120, 60),
+    row("lc Q4_K_M", "llama.cpp", "Q4_K_M", 700, 0.030, False, 110, 55),
+    row("lc Q4_K_M imat", "llama.cpp", "Q4_K_M", 700, 0.020, True, 110, 55),
+    row("ours Q8_0", "ours", "Q8_0", 1000, 0.0009, None, 99, 50),
+    row("ours Q4_0", "ours", "Q4_0", 600, 0.020, None, 120, 58),  # 0.5x of 0.040, but tg 58/60 < 0.98
+    row("ours Q4_K_M", "ours", "Q4_K_M", 690, 0.018, None, 110, 55),
+]
+
+
+def test_verdicts_pick_best_file_no_larger_than_theirs():
+    v = {x["type"]: x for x in table.quality_verdicts(ROWS)}
+    assert v["Q4_0"]["ours"] == "ours Q4_0" and abs(v["Q4_0"]["kl_ratio"] - 0.5) < 1e-12 and v["Q4_0"]["met"]
+    # at Q4_K_M's size (700) the best of ours is the Q4_K_M file (0.018 / 0.020 = 0.9 > 0.8)
+    assert v["Q4_K_M"]["ours"] == "ours Q4_K_M" and abs(v["Q4_K_M"]["kl_ratio"] - 0.9) < 1e-12
+    assert not v["Q4_K_M"]["met"]
+    # Q8_0 is judged against llama.cpp's best Q8_0 (the imatrix one): 0.0009 > 0.0008
+    assert v["Q8_0"]["theirs"] == "lc Q8_0 imat" and not v["Q8_0"]["met"]
+
+
+def test_pairs_and_plain_summary_flag_what_is_worse():
+    pairs = {(p["ours"], p["theirs"]): p for p in table.pair_rows(ROWS)}
+    assert len(pairs) == 6  # each of ours against the plain and imatrix file of its type
+    p = pairs[("ours Q4_0", "lc Q4_0")]
+    assert abs(p["tg_tok_s"] - 58 / 60) < 1e-12 and p["speed_met"] is False
+    assert pairs[("ours Q8_0", "lc Q8_0")]["speed_met"] is True  # 99/100 = 0.99 >= 0.98
+    misses = table.plain_summary(table.quality_verdicts(ROWS), table.pair_rows(ROWS))
+    assert any(m.startswith("WORSE: Q4_K_M") for m in misses)
+    assert any(m.startswith("WORSE: ours Q4_0 runs at") for m in misses)
+    assert not any(m.startswith("WORSE: Q4_0 quality") for m in misses)
+    md = table.markdown(ROWS, table.quality_verdicts(ROWS), table.pair_rows(ROWS), "# t")
+    assert "WORSE KL" in md and "SLOWER" in md and md.count("\n| ours") >= 3
+
+
+def test_no_file_of_ours_small_enough_is_a_miss():
+    rows = [r for r in ROWS if r["name"] != "ours Q4_0"]
+    rows.append(row("ours big", "ours", "Q4_0", 650, 0.001))
+    v = {x["type"]: x for x in table.quality_verdicts(rows)}
+    assert v["Q4_0"]["ours"] is None and not v["Q4_0"]["met"]
+    assert "no file of ours at that size" in " ".join(table.plain_summary(list(v.values()), []))
