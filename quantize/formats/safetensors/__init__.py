@@ -14,6 +14,11 @@ safetensors, transformers and bitsandbytes; nothing imports this package but the
 """
 from __future__ import annotations
 
-from quantize.formats.safetensors.writer import export_notes, predicted_bytes, validate_safetensors, write_safetensors
+from quantize.formats.safetensors.writer import (
+    export_notes,
+    predicted_bytes,
+    validate_safetensors,
+    write_safetensors,
+)
 
-__all__ = ["write_safetensors", "predicted_bytes", "validate_safetensors", "export_notes"]
+__all__ = ["export_notes", "predicted_bytes", "validate_safetensors", "write_safetensors"]

@@ -131,8 +131,10 @@ def predicted_bnb_bytes(plan, options) -> int:
 def bnb_notes(plan, options) -> list[str]:
     kept = [e for e in plan.entries if e.quantized and not _bnb_linear(e)]
     notes = [
-        f"safetensors-bnb-{options.bnb}: bitsandbytes re-quantized every Linear the plan quantizes to "
-        f"{options.bnb} from the source weights (its own format; our codes and per-tower schemes are not used)"
+        (
+            f"safetensors-bnb-{options.bnb}: bitsandbytes re-quantized every Linear the plan quantizes to "
+            f"{options.bnb} from the source weights (its own format; our codes and per-tower schemes are not used)"
+        )
     ]
     if kept:
         towers = sorted({e.tower for e in kept})

@@ -8,9 +8,20 @@ import torch
 from tqdm import tqdm
 
 from quantize.errors import ExportError
-from quantize.formats.safetensors.ct_format import build_quantization_config, compressed_tensors_of
-from quantize.formats.safetensors.folder import atomic_folder, copy_side_files, write_config
-from quantize.formats.safetensors.layout import TensorLayout, has_tied_lm_head, plan_layouts
+from quantize.formats.safetensors.ct_format import (
+    build_quantization_config,
+    compressed_tensors_of,
+)
+from quantize.formats.safetensors.folder import (
+    atomic_folder,
+    copy_side_files,
+    write_config,
+)
+from quantize.formats.safetensors.layout import (
+    TensorLayout,
+    has_tied_lm_head,
+    plan_layouts,
+)
 from quantize.formats.safetensors.shards import ShardWriter
 from quantize.qtensor import QuantizedTensor
 

@@ -31,13 +31,13 @@ def quantization_args(scheme: QuantScheme):
     """compressed-tensors ``QuantizationArgs`` for one of our schemes (weights only)."""
     from compressed_tensors.quantization import QuantizationArgs
 
-    kw = dict(
-        num_bits=scheme.bits,
-        type="float" if scheme.type == "fp8" else "int",
-        symmetric=scheme.symmetric,
-        strategy=scheme.strategy,
-        dynamic=False,
-    )
+    kw = {
+        "num_bits": scheme.bits,
+        "type": "float" if scheme.type == "fp8" else "int",
+        "symmetric": scheme.symmetric,
+        "strategy": scheme.strategy,
+        "dynamic": False,
+    }
     if scheme.strategy == "group":
         kw["group_size"] = scheme.group_size
     if scheme.method == "gptq" and scheme.act_order:

@@ -11,8 +11,11 @@ Kinds:
 - ``dead``: a KV-consumer layer's unused k/v (transformers drops them on load): not written.
 - ``original``: kept tensors (norms, 1-D, ``keep`` schemes) in their own dtype.
 - ``packed``: int4 / int8 codes packed into int32 (``pack-quantized``) with fp16 scales.
-- ``naive``: an Embedding's int4 / int8 codes, one int8 each (``naive-quantized``) with fp16
-  scales. Packed Embeddings lose their ``weight`` attribute, and transformers' weight init of
+- ``naive``: int4 / int8 codes one int8 each (``naive-quantized``) with fp16 scales (and int8
+  zero points), for asymmetric schemes and for Embeddings. Asymmetric: transformers 5.24 +
+  compressed-tensors 0.20 build the packed layout with an unpacked zero point (rows, groups) and
+  refuse the packed (rows*bits/32, groups) one on load (size mismatch).
+  Embeddings: Packed Embeddings lose their ``weight`` attribute, and transformers' weight init of
   Gemma 3n's scaled embeddings then fails (``...ScaledWordEmbedding has no attribute weight``);
   naive-quantized keeps ``weight`` (as int8), which loads.
 - ``fp8``: e4m3 values (``float-quantized``) with fp32 scales.
@@ -99,7 +102,7 @@ def layout_of(entry: PlanEntry, tied_lm_head: bool = True) -> TensorLayout:
         return TensorLayout(entry, "dequantized")
     if entry.scheme.type == "fp8":
         return TensorLayout(entry, "fp8")
-    return TensorLayout(entry, "naive" if is_embedding(entry) else "packed")
+    return TensorLayout(entry, "naive" if is_embedding(entry) or not entry.scheme.symmetric else "packed")
 
 
 def has_tied_lm_head(plan: Plan) -> bool:

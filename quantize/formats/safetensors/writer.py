@@ -8,8 +8,12 @@ import math
 from pathlib import Path
 
 from quantize.errors import ExportError
-from quantize.formats.safetensors.layout import header_bytes, is_compressible, plan_layouts
-from quantize.formats.safetensors.shards import INDEX
+from quantize.formats.safetensors.layout import (
+    header_bytes,
+    is_compressible,
+    is_embedding,
+    plan_layouts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,13 @@ def export_notes(plan, options) -> list[str]:
             "in the source dtype and listed in quantization_config.ignore: compressed-tensors, transformers and "
             "vLLM compress only Linear and Embedding weights. Their values are the quantized ones; their size is not reduced"
         )
-    emb = [lay.entry.name for lay in plan_layouts(plan) if lay.kind == "naive"]
+    asym = [lay.entry.name for lay in plan_layouts(plan) if lay.kind == "naive" and not lay.entry.scheme.symmetric]
+    if asym:
+        notes.append(
+            f"safetensors: {len(asym)} asymmetric int tensors are stored naive-quantized (one byte per code, int8 zero "
+            "points): transformers 5.24 with compressed-tensors 0.20 cannot load packed zero points"
+        )
+    emb = [lay.entry.name for lay in plan_layouts(plan) if lay.kind == "naive" and is_embedding(lay.entry)]
     if emb:
         notes.append(
             "safetensors: quantized embedding tables (" + ", ".join(emb) + ") are stored naive-quantized (one int8 "
