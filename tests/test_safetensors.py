@@ -8,8 +8,10 @@ Tolerances (stated here, asserted below):
   dequantized fp32 model < 1e-4 (both compute the same fp32 weights; only op order may differ);
 - nf4: max |logit difference| to the fp32 model holding bitsandbytes' dequantized blocks < 1e-3,
   and mean KL to the unquantized model < 0.05 nats on held-out text;
-- vision and audio embeddings: cosine to the unquantized towers >= 0.99 for int8 per-channel
-  towers (what the artifacts below use);
+- vision and audio embeddings: cosine to the unquantized towers >= 0.99 for the int8 per-channel
+  towers of the compressed-tensors artifact; in the nf4 artifact bitsandbytes puts the audio
+  tower's Linears in nf4 too (it has one type), floor 0.95 (measured 0.967 on the random-init
+  audio tower); vision there is untouched (convs), cosine > 0.99999;
 - on-disk size within 2 % of ``predicted_bytes``.
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ LOGIT_TOL = 1e-4
 NF4_LOGIT_TOL = 1e-3
 NF4_KL_MAX = 0.05
 TOWER_COS_FLOOR = 0.99
+NF4_AUDIO_COS_FLOOR = 0.95
 SIZE_TOL = 0.02
 
 
@@ -307,9 +310,9 @@ def test_int4_gptq_reloads_and_matches_dequantized(int4_gptq, ids, unquantized, 
 
     v, a = tower_embeddings(loaded, towers_in)
     v0, a0 = unquantized_towers
-    # the audio tower computes exactly our dequantized weights (vision: same convs, see the config test)
-    ar = tower_embeddings(ref, towers_in)[1]
-    assert cosine(a, ar) > 0.99999
+    # both towers compute exactly our dequantized weights (vision convs are written dequantized)
+    vr, ar = tower_embeddings(ref, towers_in)
+    assert cosine(v, vr) > 0.99999 and cosine(a, ar) > 0.99999
     assert cosine(v, v0) >= TOWER_COS_FLOOR, f"vision cosine {cosine(v, v0)}"
     assert cosine(a, a0) >= TOWER_COS_FLOOR, f"audio cosine {cosine(a, a0)}"
 
@@ -435,6 +438,6 @@ def test_nf4_reloads_and_matches_bitsandbytes_dequantized(tiny_trained, tmp_path
     v, au = tower_embeddings(loaded, towers_in)
     v0, a0 = unquantized_towers
     assert cosine(v, v0) > 0.99999  # vision convs are not Linear: bitsandbytes leaves them as they are
-    assert cosine(au, a0) >= TOWER_COS_FLOOR, f"audio cosine {cosine(au, a0)}"
+    assert cosine(au, a0) >= NF4_AUDIO_COS_FLOOR, f"audio cosine {cosine(au, a0)}"
     size, pred = disk_bytes(files), predicted_bytes(ctx.source.plan, opts, tiny_trained)
     assert abs(size - pred) / size < SIZE_TOL, (size, pred)
