@@ -22,7 +22,7 @@ if [[ -n "${LLAMACPP_SDIST_DIR:-}" ]]; then
     SRC="$LLAMACPP_SDIST_DIR"
 elif [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
     echo "downloading llama-cpp-python==$VER sdist"
-    pip download --no-deps --no-binary :all: --no-build-isolation \
+    pip download --no-deps --no-binary :all: \
         -d "$CACHE_DIR/dl" "llama-cpp-python==$VER"
     tar -xzf "$CACHE_DIR"/dl/llama_cpp_python-"$VER".tar.gz -C "$CACHE_DIR"
 fi

@@ -83,6 +83,20 @@ def pair_rows(rows) -> list[dict]:
     return out
 
 
+def speed_noise(rows) -> dict | None:
+    """Ratios of llama.cpp's imatrix file to its plain file of the same type: the two have the
+    same tensor types, so any departure from 1.0 is measurement noise. Returns the extreme
+    ratios over types, or None where no such pairs exist."""
+    ratios = []
+    for r in rows:
+        if r["side"] == "llama.cpp" and r.get("imatrix"):
+            plain = _theirs(rows, r["type"], False)
+            if plain is not None:
+                ratios += [_ratio(r.get(k), plain.get(k)) for k in ("pp_tok_s", "tg_tok_s")]
+    ratios = [x for x in ratios if x is not None]
+    return {"min": min(ratios), "max": max(ratios), "n": len(ratios)} if ratios else None
+
+
 def _f(v, fmt="{:.4g}"):
     return "-" if v is None else fmt.format(v)
 
@@ -109,6 +123,11 @@ def markdown(rows, verdicts, pairs, header: str = "") -> str:
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             p["ours"], p["theirs"], *(_f(p[k], "{:.3f}") for k in ("size_bytes", "bpw", "ppl", "kl_mean", "pp_tok_s", "tg_tok_s")),
             ", ".join(flags) or "ok"))
+    noise = speed_noise(rows)
+    if noise:
+        lines += ["", f"Speed noise floor: llama.cpp's imatrix and plain files of one type have identical tensor types, "
+                      f"yet their tok/s ratios range {noise['min']:.3f}-{noise['max']:.3f}; speed ratios inside that "
+                      "range are not distinguishable from 1.0 on this run."]
     lines += ["", "Quality-per-bit targets:", "", "| target | ours | size ratio | KL ratio | result |", "|---|---|---:|---:|---|"]
     for v in verdicts:
         lines.append("| {} | {} | {} | {} | {} |".format(

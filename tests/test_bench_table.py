@@ -58,3 +58,13 @@ def test_no_file_of_ours_small_enough_is_a_miss():
     v = {x["type"]: x for x in table.quality_verdicts(rows)}
     assert v["Q4_0"]["ours"] is None and not v["Q4_0"]["met"]
     assert "no file of ours at that size" in " ".join(table.plain_summary(list(v.values()), []))
+
+
+def test_speed_noise_floor_from_same_type_llamacpp_files():
+    rows = [dict(r) for r in ROWS]
+    for r in rows:
+        if r["name"] == "lc Q4_0 imat":
+            r["tg_tok_s"] = 54.0  # 0.9x of the plain file's 60
+    n = table.speed_noise(rows)
+    assert n["n"] == 6 and abs(n["min"] - 0.9) < 1e-12 and n["max"] == 1.0
+    assert "noise floor" in table.markdown(rows, [], [], "")
