@@ -60,7 +60,7 @@ def _cmd_run(args) -> int:
             if st is not None and st.enabled:
                 from quantize.formats.safetensors.writer import predicted_bytes
 
-                print(f"predicted safetensors artifact ({st.format}): {predicted_bytes(result.plan, st):,} bytes")
+                print(f"predicted safetensors artifact ({st.format}): {predicted_bytes(result.plan, st, result.model_folder):,} bytes")
         return 0
     print(f"wrote {result.out_dir}:")
     for a in result.artifacts:

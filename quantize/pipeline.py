@@ -27,6 +27,7 @@ CALIBRATED_METHODS = ("gptq", "awq")
 @dataclass
 class RunResult:
     plan: Plan
+    model_folder: Path | None = None
     out_dir: Path | None = None
     artifacts: list[Path] = field(default_factory=list)
     manifest: dict | None = None
@@ -88,7 +89,7 @@ def needs_calibration(plan: Plan) -> bool:
 def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, progress: bool = True) -> RunResult:
     ckpt, plan = prepare(recipe, allow_pickle=allow_pickle)
     if dry_run:
-        return RunResult(plan=plan)
+        return RunResult(plan=plan, model_folder=ckpt.folder)
 
     out = Path(recipe.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,9 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
     torch.manual_seed(recipe.seed)
     processor = AutoProcessor.from_pretrained(str(ckpt.folder))
     calib = build_calibration(recipe.calibration, processor, seed=recipe.seed)
-    model = Gemma3nForConditionalGeneration.from_pretrained(str(ckpt.folder), dtype=torch.float32).eval()
+    # The checkpoint's own dtype (bf16 for Google's E4B: 16 GB, not 32): the sequential engine
+    # upcasts one layer at a time to fp32 for its statistics.
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(ckpt.folder), dtype="auto").eval()
 
     importance: dict = {}
     towers = {e.tower for e in plan.entries if _tower_calibrated(e)}
@@ -205,12 +208,15 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
             calib.audio if "audio" in towers else None,
         )
 
-    schemes = {e.name: e.scheme for e in plan.entries if _text_calibrated(e)}
     result = None
-    if schemes or recipe.kv_cache.fp8:
+    if any(_text_calibrated(e) for e in plan.entries) or recipe.kv_cache.fp8:
+        # Every quantized decoder linear goes through the engine, plain RTN too: later layers,
+        # and KV consumers reading their producer's cache, must calibrate on the quantized model.
+        schemes = {e.name: e.scheme for e in plan.entries if e.quantized and e.tower == "text"}
         batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
         result = quantize_text_decoder(
-            model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress
+            model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress,
+            compute_dtype=torch.float32,
         )
     del model
     return calib.manifest, result, importance
