@@ -1,8 +1,16 @@
 """Shared fixtures: tiny Gemma 3n models built once (and cached on disk by content hash)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # One torch thread: the tiny models' many small ops run faster without the pool's spinning,
+    # and far faster when another process shares the 2 cores (see ../shared/gemma3n-notes.md).
+    torch.set_num_threads(int(os.environ.get("GEMMA3N_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):
