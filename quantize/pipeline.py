@@ -66,12 +66,28 @@ def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
         validate_safetensors(plan, st)
     gguf = recipe.exports.gguf
     if gguf is not None and gguf.enabled:
-        from quantize.formats.gguf import mmproj, plan_text
+        from quantize.formats.gguf import plan_text
 
         ctx = ExportContext(recipe=recipe, source=TensorSource(ckpt, plan), out_dir=Path(recipe.output), provenance={})
         plan_text(ctx, gguf)
-        if gguf.mmproj:
-            mmproj.plan_mmproj(ctx, gguf)
+        resolve_mmproj(ctx, gguf)
+
+
+def resolve_mmproj(ctx, gguf) -> tuple[bool, str | None]:
+    """Whether to write the vision mmproj, and why not when ``auto`` skips it. ``true`` raises
+    what mtmd cannot run (the writer's own validation); ``auto`` turns that into a note."""
+    from quantize.errors import ExportError
+    from quantize.formats.gguf import mmproj
+
+    if gguf.mmproj is False:
+        return False, None
+    try:
+        mmproj.plan_mmproj(ctx, gguf)
+    except ExportError as e:
+        if gguf.mmproj is True:
+            raise
+        return False, f"GGUF: no vision mmproj written (mmproj: auto): {e}"
+    return True, None
 
 
 def _text_calibrated(e) -> bool:
@@ -157,8 +173,13 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     if recipe.exports.gguf is not None and recipe.exports.gguf.enabled:
         from quantize.formats.gguf import write_gguf
 
-        log.info("writing GGUF (%s)", recipe.exports.gguf.mix)
-        artifacts += write_gguf(ctx, recipe.exports.gguf)
+        gguf = recipe.exports.gguf
+        with_mmproj, why_not = resolve_mmproj(ctx, gguf)
+        if why_not:
+            log.warning("%s", why_not)
+            notes.append(why_not)
+        log.info("writing GGUF (%s%s)", gguf.mix, ", with vision mmproj" if with_mmproj else "")
+        artifacts += write_gguf(ctx, gguf.model_copy(update={"mmproj": with_mmproj}))
         from quantize.formats.gguf import AUDIO_NOTE
 
         notes.append(AUDIO_NOTE)

@@ -74,7 +74,9 @@ class GGUFExport(_Strict):
     mix: str = "auto"
     token_embeddings: str | None = None  # GGUF type for token_embd (default: from the mix)
     per_layer_embeddings: str | None = None  # GGUF type for per_layer_token_embd
-    mmproj: bool = True
+    # true: write the vision mmproj or refuse the run; false: never; auto: write it where llama.cpp's
+    # mtmd can run it (text width = vision width, as in E2B/E4B), else skip with a manifest note.
+    mmproj: bool | Literal["auto"] = "auto"
     force: bool = False  # write even where llama.cpp's hard-coded Gemma 3n layout differs
 
     @field_validator("mix")

@@ -23,8 +23,9 @@ def _recipe(tmp_path, body: str):
         ("model: /nonexistent/model\noutput: OUT\n", "/nonexistent/model"),
         ("model: MODEL\noutput: OUT\ncalibration: {text: {source: files, path: /nope/data.txt}}\n", "calibration.text.path"),
         ("model: [unclosed\n", "not valid YAML"),
+        ("model: MODEL\noutput: OUT\nexports: {gguf: {mmproj: true}}\n", "text hidden_size 256 != vision hidden_size 2048"),
     ],
-    ids=["unknown-key", "wrong-type", "missing-model", "missing-data-file", "bad-yaml"],
+    ids=["unknown-key", "wrong-type", "missing-model", "missing-data-file", "bad-yaml", "mmproj-mtmd-cannot-run"],
 )
 def test_bad_input_one_line_exit_2_no_output(tmp_path, tiny_random, body, needle):
     out = tmp_path / "out"

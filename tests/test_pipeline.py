@@ -46,6 +46,8 @@ def test_manifest_lists_every_artifact_with_true_sums(demo_run):
     assert manifest["calibration"]["seed"] == 0
     assert len(manifest["plan"]["dead_kv_not_quantized"]) == 15  # k_proj, v_proj, k_norm of layers 20-24
     assert any("audio" in n for n in manifest["notes"])
+    # mmproj: auto on a 256-wide text model: skipped, with mtmd's reason in the manifest
+    assert not list(out.glob("mmproj*")) and any("no vision mmproj" in n and "2048" in n for n in manifest["notes"])
     assert not list(out.parent.glob(".out.partial-*"))
 
 
