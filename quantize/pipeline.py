@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantize.atomic import atomic_folder
 from quantize.errors import RecipeError
 from quantize.manifest import build_manifest, model_hash, write_json_atomic
 from quantize.model import Checkpoint, resolve_model
@@ -108,30 +108,11 @@ def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, pr
         return RunResult(plan=plan, model_folder=ckpt.folder)
 
     out = Path(recipe.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         result = _run_into(recipe, ckpt, plan, tmp, progress)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     result.out_dir = out
     result.artifacts = [out / p.relative_to(tmp) for p in result.artifacts]
     return result
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool) -> RunResult:

@@ -253,7 +253,6 @@ def build_tokenizer(folder: Path):
 
 def build_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a tiny model folder at ``out`` (atomically: a temp folder renamed at the end)."""
-    import torch
 
     if spec.flavour not in FLAVOURS:
         raise ValueError(f"unknown tiny flavour {spec.flavour!r}; valid: {', '.join(FLAVOURS)}")

@@ -8,7 +8,6 @@ package itself never imports quantize.
 """
 from __future__ import annotations
 
-import ctypes
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path

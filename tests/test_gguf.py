@@ -3,7 +3,6 @@ tensor-name map, ``GGUFReader`` on the written file, and hand-built configs."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 
-import pytest
 import torch
 
 # What llama.cpp's src/models/gemma3n.cpp and llama-hparams.h hard-code for Gemma 3n

@@ -3,14 +3,12 @@
 and the atomic temp-folder-then-rename that every safetensors artifact goes through."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
-from quantize.errors import ExportError
+from quantize.atomic import atomic_folder  # noqa: F401  (re-exported for the writers)
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +52,3 @@ def write_config(source_config: dict, dest: Path, quantization_config: dict | No
     return path
 
 
-@contextlib.contextmanager
-def atomic_folder(final: Path):
-    """Yield a temporary sibling folder; rename it to ``final`` only if the block succeeds."""
-    final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise ExportError(f"{final} exists and is not a folder")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
