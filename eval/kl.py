@@ -24,8 +24,6 @@ threads), and the rest mass with the same float64 log-sum-exp over the same ids.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 from eval.errors import EvalError
+from eval.atomic_file import atomic_path
 
 BASE_FORMAT = "gemma3n-eval-kl-base/1"
 DEFAULT_TOP_K = 32
@@ -75,10 +74,7 @@ class KLBase:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".npz") as tmp:
             np.savez(
                 tmp,
                 format=np.array(BASE_FORMAT),
@@ -90,10 +86,6 @@ class KLBase:
                 rest_logp=self.rest_logp,
                 meta=np.array(json.dumps(self.meta, sort_keys=True)),
             )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -10,8 +10,6 @@ drops, by more than the thresholds.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 from eval import svg
 from eval.errors import EvalError
 from eval.results import load_results
+from eval.atomic_file import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +207,7 @@ table.grid td, table.grid th {{ border: none; text-align: center; }}
 
 
 def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def write_report(result_paths, out_dir: str | Path, baseline: str | None = None,

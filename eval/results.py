@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from eval.errors import EvalError
+from eval.atomic_file import write_text_atomic
 
 SCHEMA_VERSION = 1
 REQUIRED = ("schema_version", "name", "artifact", "backend", "device", "quality")
@@ -67,16 +66,7 @@ def write_result(result: dict, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / result_filename(result["name"], result["device"]["label"], result["backend"])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def load_result(path: str | Path) -> dict:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import torch
 
 from eval.heldout import heldout_audio, heldout_images
 from eval.results import sha256_of, slug
+from eval.atomic_file import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,8 @@ def _reference_embeddings(reference: Path, out_dir: Path, device: str, pixels, f
         embs = embeddings(ref.model, ref.device, pixels, feats)
     finally:
         ref.close()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=out_dir)
-    os.close(fd)
-    np.savez(tmp, **{f"{t}_{i}": e for t, es in embs.items() for i, e in enumerate(es)})
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **{f"{t}_{i}": e for t, es in embs.items() for i, e in enumerate(es)})
     return embs
 
 
