@@ -41,12 +41,16 @@ def _inputs(reference: Path):
 def embeddings(model, device, pixels, feats) -> dict[str, list[np.ndarray]]:
     """Projected tower outputs per input (one forward per item: no padding in the comparison)."""
     dtype = next(model.parameters()).dtype
+    # Gemma3nForConditionalGeneration exposes get_image_features itself but keeps
+    # get_audio_features on its inner Gemma3nModel; the inner model has both.
+    model = getattr(model, "model", model)
     out = {"vision": [], "audio": []}
     for pv in pixels:
         emb = model.get_image_features(pixel_values=pv.to(device, dtype)).pooler_output
         out["vision"].append(emb[0].float().cpu().numpy())
     for f, m in feats:
-        emb = model.get_audio_features(f.to(device, dtype), m.to(device)).pooler_output
+        # the tower takes the padding mask, as the model's own forward passes ~input_features_mask
+        emb = model.get_audio_features(f.to(device, dtype), ~m.to(device).bool()).pooler_output
         out["audio"].append(emb[0].float().cpu().numpy())
     return out
 
@@ -81,7 +85,8 @@ def tower_check(backend, reference: str | Path, out_dir: str | Path, settings) -
     if backend.name != "transformers":
         return {"skipped": f"tower checks need the transformers backend (this is {backend.name})"}
     model = backend.model
-    if not hasattr(model, "get_image_features") or not hasattr(model, "get_audio_features"):
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "get_image_features") or not hasattr(inner, "get_audio_features"):
         return {"skipped": f"{type(model).__name__} has no vision/audio towers"}
     reference = Path(reference)
     pixels, feats = _inputs(reference)

@@ -65,6 +65,8 @@ def tower_importance(model, images: torch.Tensor | None, audio: Mapping | Iterab
         runs = [lambda i=i: model.model.get_image_features(pixel_values=images[i : i + 1]) for i in range(len(images))]
         stats.update(collect_tower_stats(model, "model.vision_tower", runs))
     if audio:
-        runs = [lambda f=f, m=m: model.model.get_audio_features(f, m) for f, m in audio]
+        # get_audio_features takes the *padding* mask (the model's forward passes
+        # ~input_features_mask); the feature extractor's mask marks valid frames.
+        runs = [lambda f=f, m=m: model.model.get_audio_features(f, ~m.bool()) for f, m in audio]
         stats.update(collect_tower_stats(model, "model.audio_tower", runs))
     return stats
