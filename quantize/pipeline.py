@@ -128,7 +128,7 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
         plan,
         precomputed=seq.tensors if seq else {},
         updated=seq.updated if seq else {},
-        importance=importance,
+        importance={**(seq.importance if seq else {}), **importance},
         kv_scales=seq.kv_scales if seq else {},
     )
     digest = model_hash(ckpt)

@@ -79,6 +79,10 @@ class SequentialResult:
     updated: dict[str, torch.Tensor] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # Mean squared input per column of each linear whose statistics were collected (on the
+    # partly quantized layer), by checkpoint name: writers that re-encode (GGUF K-quant mixes)
+    # weight their errors with it, as llama.cpp's imatrix does.
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
@@ -352,6 +356,8 @@ def quantize_text_decoder(
                 qt = _quantize_one(name, mod.weight.data, scheme, st)
                 mod.weight.data.copy_(qt.dequantize().to(device=mod.weight.device, dtype=mod.weight.dtype))
                 result.tensors[name] = qt
+                if st is not None:
+                    result.importance[name] = st[0].mean_sq.detach().cpu()
                 rep["methods"][p] = scheme.label()
                 if "fallback" in qt.info:
                     rep["fallbacks"][p] = qt.info["fallback"]

@@ -338,3 +338,23 @@ def test_multimodal_batch_reaches_the_decoder(tiny_random, fresh):
         h.remove()
     assert torch.equal(got[-1], want[0])  # includes the image soft tokens' embeddings
     assert 0 < res.report[0]["rel_error"] < 1
+
+
+def test_returned_importance_is_the_layer_inputs_mean_square(random_model, fresh):
+    """Layer 0's q/k/v statistics come from the float layer's own inputs: a pre-hook on the
+    untouched model's q_proj over the same batches gives the same mean x^2 per column."""
+    batches = make_batches()
+    seen = []
+    hook = fresh.model.language_model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for b in batches:
+            fresh(**b)
+    hook.remove()
+    want = torch.cat(seen).double().pow(2).mean(0)
+    schemes = {text_linear_name(0, m): PRESET_SCHEMES["int4_imatrix"] for m in existing_linears(fresh, 0)}
+    result = quantize_text_decoder(fresh, schemes, batches, progress=False)
+    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        torch.testing.assert_close(result.importance[text_linear_name(0, m)].double(), want, rtol=1e-4, atol=1e-8)
+    assert set(result.importance) == set(schemes)
