@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as T
 
 from quantize.errors import ExportError
 from quantize.formats.gguf import keys, mixes
-from quantize.formats.gguf.names import VISION_RULES, map_name
+from quantize.formats.gguf.names import VISION_RULES, require_name
 from quantize.formats.gguf.writer import GGUFPlan, Target, write_plan
 
 PROJECTOR = "gemma3nv"
@@ -86,9 +86,7 @@ def vision_plan(ctx, options) -> GGUFPlan:
     for e in ctx.source.plan.entries:
         if not (e.name.startswith("model.vision_tower.") or e.name.startswith("model.embed_vision.")):
             continue
-        m = map_name(e.name, VISION_RULES)
-        if m is None:
-            raise ExportError(f"{e.name}: no mtmd gemma3nv tensor name for this vision tensor (see quantize/formats/gguf/names.py)")
+        m = require_name(e.name, VISION_RULES, "mtmd gemma3nv")
         if m.gguf is None:
             continue
         shape = tuple(e.shape)

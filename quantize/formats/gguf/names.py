@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from quantize.errors import ExportError
+
 _LM = r"model\.language_model\."
 _BLK = _LM + r"layers\.(?P<bid>\d+)\."
 
@@ -119,3 +121,12 @@ def map_name(name: str, rules: tuple[NameRule, ...]) -> Mapped | None:
         idx = int(groups["idx"]) if groups.get("idx") is not None else None
         return Mapped(rule.gguf.format(**{k: v for k, v in groups.items() if v is not None}), rule.transform, idx)
     return None
+
+
+def require_name(name: str, rules: tuple[NameRule, ...], runtime: str) -> Mapped:
+    """Like ``map_name``, but a checkpoint tensor no rule knows is an error naming it: writing
+    the file without it would give llama.cpp a different model than the checkpoint's."""
+    m = map_name(name, rules)
+    if m is None:
+        raise ExportError(f"{name}: no {runtime} tensor name for this checkpoint tensor (see quantize/formats/gguf/names.py)")
+    return m

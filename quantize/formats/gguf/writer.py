@@ -27,7 +27,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFWriter
 
 from quantize.errors import ExportError
 from quantize.formats.gguf import blocks, kquants, mixes
-from quantize.formats.gguf.names import TEXT_RULES, map_name
+from quantize.formats.gguf.names import TEXT_RULES, require_name
 from quantize.llamacpp_layout import validate_layout
 from quantize.qtensor import QuantizedTensor
 
@@ -92,9 +92,7 @@ def plan_text(ctx, options) -> GGUFPlan:
     for e in ctx.source.plan.entries:
         if e.tower in MULTIMODAL_TOWERS or "vision_tower" in e.name or "audio_tower" in e.name or "embed_vision" in e.name or "embed_audio" in e.name:
             continue
-        m = map_name(e.name, TEXT_RULES)
-        if m is None:
-            raise ExportError(f"{e.name}: no llama.cpp gemma3n tensor name for this checkpoint tensor (see quantize/formats/gguf/names.py)")
+        m = require_name(e.name, TEXT_RULES, "llama.cpp gemma3n")
         if m.gguf is None:
             continue
         g = grouped.setdefault(m.gguf, {"entries": {}, "transform": m.transform})
