@@ -292,7 +292,7 @@ def main(argv=None) -> int:
         ("ours-Q8_0", "Q8_0", {"text": "int8", "per_layer_projections": "int8"}, "auto"),
         ("ours-Q4_0-gptq", "Q4_0", {"text": "int4_gptq", "per_layer_projections": "int4"}, "auto"),
         ("ours-Q4_0-imatrix", "Q4_0", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "auto"),
-        ("ours-Q4_K_M", "Q4_K_M", {"text": "int4", "per_layer_projections": "int4"}, "Q4_K_M"),
+        ("ours-Q4_K_M", "Q4_K_M", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "Q4_K_M"),
     ]
     for name, qt, towers, mix in ours_specs:
         with timer(f"ours: {name}"):
