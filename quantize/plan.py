@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from quantize.errors import PlanError
 from quantize.model import TOWERS, Checkpoint, KVGroup, glob_match, is_dead_kv, layer_index, tower_of
@@ -61,8 +62,9 @@ class Plan:
     def __getitem__(self, name: str) -> PlanEntry:
         return self.by_name[name]
 
-    @property
+    @cached_property
     def by_name(self) -> dict[str, PlanEntry]:
+        # Built once: writers look up every tensor by name (a dict per lookup was quadratic).
         return {e.name: e for e in self.entries}
 
     def tower_totals(self) -> dict[str, dict]:

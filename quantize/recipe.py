@@ -23,10 +23,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _scheme(v: Any) -> QuantScheme:
-    return resolve_scheme(v)
-
-
 class Towers(_Strict):
     """Default scheme of each tower (see ``quantize.model.TOWERS``). Norms are never quantized."""
 

@@ -7,13 +7,13 @@ cached: a writer that asks for one tensor at a time keeps peak memory near the l
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from quantize.model import Checkpoint
-from quantize.plan import Plan, PlanEntry
+from quantize.plan import Plan
 from quantize.qtensor import QuantizedTensor
 
 
@@ -33,9 +33,6 @@ class TensorSource:
     @property
     def config(self) -> dict:
         return self.checkpoint.config
-
-    def entries(self) -> Iterator[PlanEntry]:
-        return iter(self.plan.entries)
 
     def original(self, name: str) -> torch.Tensor:
         return self.checkpoint.get(name)
