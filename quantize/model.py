@@ -124,6 +124,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype string: F32, BF16, F16, ...
     file: Path
+    offset: int = -1  # absolute byte offset of the data in ``file`` (-1: unknown)
 
     @property
     def numel(self) -> int:
@@ -168,10 +169,11 @@ class Checkpoint:
         """Tensor metadata from the safetensors headers (no tensor data is read)."""
         out: dict[str, TensorInfo] = {}
         for f in self.files:
-            for name, meta in _read_header(f).items():
+            header, data_start = _read_header(f, with_data_start=True)
+            for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f)
+                out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f, data_start + int(meta["data_offsets"][0]))
         return dict(sorted(out.items()))
 
     def get(self, name: str):
@@ -183,6 +185,35 @@ class Checkpoint:
             raise ModelError(f"{self.folder}: tensor {name!r} not found")
         with safe_open(str(info.file), framework="pt") as f:
             return f.get_tensor(name)
+
+    def read_rows(self, name: str, start: int, stop: int):
+        """Rows ``start:stop`` (first dimension) of one tensor, in its stored dtype.
+
+        Read with plain file reads rather than a memory map: the pages of a mapped 5 GB
+        embedding table count towards the process's resident set until it is unmapped, which is
+        what pushed whole-tensor reads to twice the table's size. Here only the returned rows
+        are resident (the kernel's page cache still serves repeated reads).
+        """
+        import torch
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelError(f"{self.folder}: tensor {name!r} not found")
+        if info.dtype not in _TORCH_DTYPES or info.offset < 0:
+            return self.get(name)[start:stop]
+        rows = info.shape[0] if info.shape else 1
+        start, stop = max(0, start), min(rows, stop)
+        per_row = info.nbytes // max(rows, 1)
+        n = max(0, stop - start) * per_row
+        buf = bytearray(n)
+        with open(info.file, "rb", buffering=0) as fh:
+            fh.seek(info.offset + start * per_row)
+            got = fh.readinto(buf) if n else 0
+        if got != n:
+            raise ModelError(f"{info.file}: truncated data for tensor {name!r} (rows {start}:{stop})")
+        dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+        t = torch.frombuffer(buf, dtype=dtype) if n else torch.empty(0, dtype=dtype)
+        return t.reshape(stop - start, *info.shape[1:])
 
     @cached_property
     def kv_groups(self) -> list[KVGroup]:
@@ -196,7 +227,11 @@ class Checkpoint:
         return [n for n in self.tensors if is_dead_kv(n, self.consumers)]
 
 
-def _read_header(path: Path) -> dict:
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                 "I32": "int32", "I8": "int8", "U8": "uint8"}
+
+
+def _read_header(path: Path, with_data_start: bool = False):
     import struct
 
     with open(path, "rb") as fh:
@@ -207,9 +242,10 @@ def _read_header(path: Path) -> dict:
         if n > 100_000_000:
             raise ModelError(f"{path}: safetensors header of {n} bytes is not plausible")
         try:
-            return json.loads(fh.read(n))
+            header = json.loads(fh.read(n))
         except json.JSONDecodeError as e:
             raise ModelError(f"{path}: corrupt safetensors header ({e})") from None
+    return (header, 8 + n) if with_data_start else header
 
 
 def resolve_model(ref: str | Path, allow_pickle: bool = False, cache_dir: str | Path | None = None) -> Path:

@@ -63,6 +63,21 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_
 GGUF_MIXES = ("Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F16", "F32", "auto")
 
 
+class GGUFTensorType(_Strict):
+    """Give GGUF tensors matching any of ``match`` (globs on GGUF names, e.g. ``blk.*.ffn_down.weight``)
+    the GGUF type ``type``, like ``llama-quantize --tensor-type``. Later rules win."""
+
+    match: list[str] = Field(min_length=1)
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v):
+        if v not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {v!r}; valid: {', '.join(GGUF_TYPES)}")
+        return v
+
+
 class GGUFExport(_Strict):
     enabled: bool = True
     # ``auto`` derives each tensor's GGUF type from its scheme (int4 g32 sym -> Q4_0, ...);
@@ -70,6 +85,8 @@ class GGUFExport(_Strict):
     mix: str = "auto"
     token_embeddings: str | None = None  # GGUF type for token_embd (default: from the mix)
     per_layer_embeddings: str | None = None  # GGUF type for per_layer_token_embd
+    # per-tensor GGUF types by name (after the mix; the embedding options above win for their tables)
+    tensor_types: list[GGUFTensorType] = Field(default_factory=list)
     # true: write the vision mmproj or refuse the run; false: never; auto: write it where llama.cpp's
     # mtmd can run it (text width = vision width, as in E2B/E4B), else skip with a manifest note.
     mmproj: bool | Literal["auto"] = "auto"

@@ -282,7 +282,7 @@ def test_interrupted_write_leaves_no_gguf(tiny_random, tmp_path, monkeypatch):
     from quantize.formats.gguf import writer
 
     calls = {"n": 0}
-    real = writer.pack_target
+    real = writer.packed_chunks
 
     def boom(ctx, t):
         calls["n"] += 1
@@ -290,7 +290,7 @@ def test_interrupted_write_leaves_no_gguf(tiny_random, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(ctx, t)
 
-    monkeypatch.setattr(writer, "pack_target", boom)
+    monkeypatch.setattr(writer, "packed_chunks", boom)
     ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0")
     with pytest.raises(KeyboardInterrupt):
         write_gguf(ctx, opts)
@@ -334,3 +334,42 @@ def test_mmproj_tensors_names_shapes_and_forced_types(tiny_random, tmp_path):
     assert any("dequantized" in n for n in plan.notes)
     assert not any("audio" in s or "conformer" in s for x in plan.targets for s in x.sources)
     assert plan.path.name == "mmproj-t-f16.gguf"
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+def test_read_rows_equals_safetensors_own_slices(tiny_random):
+    from safetensors import safe_open
+
+    ck = Checkpoint(tiny_random)
+    name = next(n for n in ck.tensors if n.endswith("embed_tokens_per_layer.weight"))
+    info = ck.tensors[name]
+    with safe_open(str(info.file), framework="pt") as f:
+        ref = f.get_tensor(name)
+    for a, b in ((0, 7), (1000, 1513), (info.shape[0] - 5, info.shape[0] + 10)):
+        got = ck.read_rows(name, a, b)
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref[a:b], rtol=0, atol=0)
+
+
+def test_streamed_tables_equal_whole_tensor_quantization(tiny_random, tmp_path, monkeypatch):
+    """Pieces of a few thousand values per read must give exactly the blocks that quantizing
+    the whole tensor at once gives (RTN is row-local), for exact, re-quantized and float types."""
+    from quantize.formats.gguf import writer
+
+    monkeypatch.setattr(writer, "STREAM_ELEMENTS", 5000)  # rows of 6400 / 256 values: 1 / 19 rows a piece
+    towers = {**KEEP_ALL, "per_layer_embeddings": "int8_row", "token_embeddings": "int4"}
+    ctx, opts = make_ctx(tiny_random, tmp_path, "auto", towers=towers, token_embeddings="Q4_0", per_layer_embeddings="Q8_0")
+    (path,) = write_gguf(ctx, opts)
+    got = {x.name: x for x in GGUFReader(path).tensors}
+    ck = Checkpoint(tiny_random)
+    for gguf_name, suffix, preset, qtype in (("per_layer_token_embd.weight", "embed_tokens_per_layer.weight", "int8_row", T.Q8_0),
+                                             ("token_embd.weight", "embed_tokens.weight", "int4", T.Q4_0)):
+        src = next(n for n in ck.tensors if n.endswith(suffix) and "language_model" in n)
+        whole = quantize_rtn(src, ck.get(src), resolve_scheme(preset)).dequantize().numpy()
+        t = got[gguf_name]
+        assert t.tensor_type == qtype
+        deq = gq.dequantize(t.data, qtype).reshape(-1, whole.shape[1])
+        np.testing.assert_array_equal(deq[: whole.shape[0]], whole)
+        assert not deq[whole.shape[0]:].any()  # padded vocabulary rows are zeros

@@ -98,15 +98,31 @@ def float_type(mix: str, source_dtype: str) -> T:
     return T.BF16 if source_dtype == "BF16" and mix == "auto" else T.F16
 
 
+def named_type(gguf_name: str, rules) -> str | None:
+    """The type the last matching ``tensor_types`` rule (``.match`` globs, ``.type``) names, or None."""
+    import fnmatch
+
+    found = None
+    for rule in rules or ():
+        if any(fnmatch.fnmatchcase(gguf_name, pat) for pat in rule.match):
+            found = rule.type
+    return found
+
+
 def choose(
     gguf_name: str, ndim: int, cols: int, layer: int | None, n_layer: int, mix: str,
     scheme: QuantScheme | None, source_dtype: str,
-    token_embd: str | None = None, per_layer_embd: str | None = None,
+    token_embd: str | None = None, per_layer_embd: str | None = None, tensor_types=(),
 ) -> Choice:
-    """The GGUF type of one (non-placeholder) text tensor. ``scheme`` None means kept."""
+    """The GGUF type of one (non-placeholder) text tensor. ``scheme`` None means kept.
+
+    Precedence: 1-D tensors are F32; then the embedding options; then ``tensor_types`` rules;
+    then the mix."""
     if ndim == 1:
         return Choice(T.F32)
     override = {"token_embd.weight": token_embd, "per_layer_token_embd.weight": per_layer_embd}.get(gguf_name)
+    if override is None:
+        override = named_type(gguf_name, tensor_types)
     exact = exact_for_scheme(scheme, cols) if scheme is not None and scheme.is_quantized else None
     if override is not None:
         t = T[override]

@@ -125,9 +125,13 @@ def plan_text(ctx, options) -> GGUFPlan:
             continue
         scheme = e0.scheme if e0.quantized else None
         choice = mixes.choose(gname, len(shape), shape[-1], e0.layer, n_layer, mix, scheme, e0.dtype,
-                              options.token_embeddings, options.per_layer_embeddings)
+                              options.token_embeddings, options.per_layer_embeddings, options.tensor_types)
         method = e0.scheme.method if e0.quantized else "keep"
-        deq = e0.quantized and not choice.exact and (mix == "auto" or method in ("gptq", "awq"))
+        # GPTQ/AWQ values are the calibrated result: any other type packs them. Under ``auto`` a
+        # non-exact type reproduces our RTN values too; a type the recipe names for this tensor
+        # (``tensor_types``) is encoded from the original weights (with their importance).
+        named = mixes.named_type(gname, options.tensor_types) is not None
+        deq = e0.quantized and not choice.exact and (method in ("gptq", "awq") or (mix == "auto" and not named))
         if choice.note:
             notes.append(f"{gname}: {choice.note}")
         targets.append(Target(gname, shape, tuple(x.name for x in ents), choice, transform, e0.layer, pad, method, deq))
@@ -181,47 +185,89 @@ def _order(t: Target):
 # packing
 
 
-def _values(ctx, src: str, t: Target) -> torch.Tensor | QuantizedTensor:
+def _values(ctx, src: str, t: Target, rows: tuple[int, int] | None = None) -> torch.Tensor | QuantizedTensor:
+    """What ``t`` packs from ``src``: the whole tensor, or rows ``rows`` of it when streaming."""
     if not t.choice.exact and not t.dequantize:
-        return ctx.source.original(src)  # floats from the checkpoint: no need to quantize first
-    v = ctx.source.get(src)
+        # floats from the checkpoint: no need to quantize first
+        return ctx.source.original(src) if rows is None else ctx.source.original_rows(src, *rows)
+    v = ctx.source.get(src) if rows is None else ctx.source.rows(src, *rows)
     if isinstance(v, QuantizedTensor) and not t.choice.exact:
         return v.dequantize()
     return v
 
 
+STREAM_ELEMENTS = 1 << 23  # rows are read, quantized and packed in pieces of about this many values
+
+
+def _pack(ctx, src: str, t: Target, v) -> np.ndarray:
+    qtype = t.choice.qtype
+    if t.choice.exact:
+        if not isinstance(v, QuantizedTensor) or blocks.exact_type(v) != qtype:
+            got = v.scheme.label() if isinstance(v, QuantizedTensor) else "a float tensor"
+            raise ExportError(f"{src}: the plan promised codes that {qtype.name} holds exactly, the source gave {got}")
+        return blocks.pack_exact(v, qtype)
+    w = v.detach().to(torch.float32).reshape(-1, t.cols).numpy()
+    if qtype in kquants.BYTES:
+        imp = ctx.source.importance.get(src)
+        imp = None if imp is None or imp.numel() != t.cols else imp.to(torch.float32).numpy()
+        return kquants.encode_kquant(w, qtype, imp)
+    return blocks.pack_float(w, qtype)
+
+
+def packed_chunks(ctx, t: Target):
+    """The bytes of one target as consecutive uint8 (rows, row bytes) pieces.
+
+    A source that can be produced row by row (``TensorSource.row_streamable``: RTN and kept
+    tensors) is read, quantized and packed ``STREAM_ELEMENTS`` values at a time, so converting
+    a 262144 x 8960 embedding table never holds more than a few hundred MB; results computed
+    ahead (GPTQ) are packed from memory. Padded vocabulary rows come last, as zeros."""
+    qtype = t.choice.qtype
+    rb = blocks.row_bytes(qtype, t.cols)
+    if not t.sources:
+        step = max(1, STREAM_ELEMENTS // t.cols)
+        for r0 in range(0, t.rows, step):
+            yield np.zeros((min(step, t.rows - r0), rb), np.uint8)
+        return
+    done = 0
+    for src in t.sources:
+        info = ctx.source.checkpoint.tensors[src]
+        n_rows = info.shape[0] if info.shape else 1
+        per_row = info.numel // max(n_rows, 1)
+        streamed = ctx.source.row_streamable(src) and info.numel > STREAM_ELEMENTS and per_row % t.cols == 0
+        ranges = ([(r0, min(n_rows, r0 + max(1, STREAM_ELEMENTS // per_row))) for r0 in range(0, n_rows, max(1, STREAM_ELEMENTS // per_row))]
+                  if streamed else [None])
+        for rng in ranges:
+            part = _pack(ctx, src, t, _values(ctx, src, t, rng))
+            if part.shape[1] != rb or done + part.shape[0] + t.pad_rows > t.rows:
+                raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {qtype.name} {t.shape}")
+            done += part.shape[0]
+            yield part
+    if done + t.pad_rows != t.rows:
+        raise ExportError(f"{t.gguf}: packed {done} rows (+{t.pad_rows} padding), expected {t.rows} for {t.shape}")
+    if t.pad_rows:
+        yield np.zeros((t.pad_rows, rb), np.uint8)
+
+
 def pack_target(ctx, t: Target) -> np.ndarray:
     """The bytes of one target (uint8, 1-D), read and packed alone."""
-    qtype = t.choice.qtype
-    if not t.sources:
-        return np.zeros(t.nbytes, np.uint8)
-    rb = blocks.row_bytes(qtype, t.cols)
-    out = np.zeros((t.rows, rb), np.uint8)  # t.rows counts padded vocabulary rows: they stay zero
-    r = 0
-    for src in t.sources:
-        v = _values(ctx, src, t)
-        if t.choice.exact:
-            if not isinstance(v, QuantizedTensor) or blocks.exact_type(v) != qtype:
-                got = v.scheme.label() if isinstance(v, QuantizedTensor) else "a float tensor"
-                raise ExportError(f"{src}: the plan promised codes that {qtype.name} holds exactly, the source gave {got}")
-            part = blocks.pack_exact(v, qtype)
-        else:
-            w = v.detach().to(torch.float32).reshape(-1, t.cols).numpy()
-            if qtype in kquants.BYTES:
-                imp = ctx.source.importance.get(src)
-                imp = None if imp is None or imp.numel() != t.cols else imp.to(torch.float32).numpy()
-                part = kquants.encode_kquant(w, qtype, imp)
-            else:
-                part = blocks.pack_float(w, qtype)
-        del v
-        if r + part.shape[0] > out.shape[0] or part.shape[1] != rb:
-            raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {qtype.name} {t.shape}")
-        out[r:r + part.shape[0]] = part
-        r += part.shape[0]
-        del part
-    if r + t.pad_rows != out.shape[0]:
-        raise ExportError(f"{t.gguf}: packed {r} rows (+{t.pad_rows} padding), expected {out.shape[0]} for {t.shape}")
-    return out.reshape(-1)
+    return np.concatenate([c.reshape(-1) for c in packed_chunks(ctx, t)]) if t.rows else np.zeros(0, np.uint8)
+
+
+class _StreamedTensor:
+    """What ``GGUFWriter.write_tensor_data`` needs of an array (``nbytes``, ``tofile``), with the
+    bytes produced piece by piece: the writer keeps its alignment and bookkeeping, we keep peak
+    memory at one piece instead of one tensor."""
+
+    def __init__(self, ctx, t: Target):
+        self.ctx, self.t, self.nbytes = ctx, t, t.nbytes
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for part in packed_chunks(self.ctx, self.t):
+            fout.write(np.ascontiguousarray(part).data)
+            written += part.nbytes
+        if written != self.nbytes:
+            raise ExportError(f"{self.t.gguf}: wrote {written} bytes, the tensor index promised {self.nbytes}")
 
 
 def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
@@ -240,7 +286,7 @@ def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for t in tqdm(plan.targets, desc=f"writing {final.name}", unit="tensor", leave=False):
-            w.write_tensor_data(pack_target(ctx, t))
+            w.write_tensor_data(_StreamedTensor(ctx, t))
         w.close()
         os.replace(tmp, final)
     except BaseException:
