@@ -287,17 +287,31 @@ def main(argv=None) -> int:
 
     # llama.cpp also quantizes the per-layer input gate and projection (inp_gate, proj) and
     # keeps per_layer_model_proj in F16: ours do the same (RTN there: the sequential
-    # calibration covers the attention and MLP linears).
+    # calibration covers the attention and MLP linears). Same-type files give their embedding
+    # tables the GGUF types llama.cpp chose, so the block weights are what differs.
+    int8_searched = {"preset": "int8", "importance": True}  # MSE-optimal Q8_0 scales (see quantize.methods.dispatch)
     ours_specs = [
-        ("ours-Q8_0", "Q8_0", {"text": "int8", "per_layer_projections": "int8"}, "auto"),
-        ("ours-Q4_0-gptq", "Q4_0", {"text": "int4_gptq", "per_layer_projections": "int4"}, "auto"),
-        ("ours-Q4_0-imatrix", "Q4_0", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "auto"),
-        ("ours-Q4_K_M", "Q4_K_M", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "Q4_K_M"),
+        ("ours-Q8_0", "Q8_0", {"text": {"type": "int8", "method": "gptq"}, "per_layer_projections": "int8",
+                               "token_embeddings": int8_searched, "per_layer_embeddings": int8_searched}, "auto", None),
+        ("ours-Q4_0-gptq", "Q4_0", {"text": "int4_gptq", "per_layer_projections": "int4"}, "auto", None),
+        ("ours-Q4_0-imatrix", "Q4_0", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "auto", None),
+        ("ours-Q4_K_M", "Q4_K_M", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "Q4_K_M", None),
     ]
-    for name, qt, towers, mix in ours_specs:
+    # Our bit allocation (recipes/int4.yaml's GGUF): the decoder stays int4 GPTQ (Q4_0 blocks),
+    # the tied token embedding -- which is also the output layer -- gets Q8_0, the per-layer
+    # input gate/projection Q8_0, and the 262144 x 35*256 per-layer table, a lookup that
+    # llama.cpp stores as Q6_K because it shares the token embedding's name rule, gets Q5_K.
+    mix_towers = {"text": "int4_gptq", "per_layer_projections": "int8", "token_embeddings": int8_searched}
+    mix_types = {"tensor_types": [{"match": ["per_layer_token_embd.weight"], "type": "Q5_K"}]}
+    for name, qt, towers, mix, _ in ours_specs:
         with timer(f"ours: {name}"):
             path = run_ours(our_recipe(name, model, work, towers, mix, calib, emb_types(qt)), args.reuse)
         files[name] = {"path": path, "side": "ours", "type": qt, "imatrix": None, "recipe_towers": towers, "mix": mix}
+    with timer("ours: ours-int4-mix"):
+        path = run_ours(our_recipe("ours-int4-mix", model, work, mix_towers, "auto", calib, mix_types), args.reuse)
+    # a mix of types: its speed is compared with llama.cpp's Q4_0, whose place it takes
+    files["ours-int4-mix"] = {"path": path, "side": "ours", "type": "mix", "pair_type": "Q4_0", "imatrix": None,
+                              "recipe_towers": mix_towers, "mix": "auto", "gguf": mix_types}
 
     from eval.run import RunSettings
 
@@ -311,6 +325,7 @@ def main(argv=None) -> int:
             q = quality_of(f["path"], base, args.threads, args.seq_len)
             size = f["path"].stat().st_size
             rows.append({"name": name, "side": f["side"], "type": f["type"], "imatrix": f["imatrix"],
+                         **({"pair_type": f["pair_type"]} if "pair_type" in f else {}),
                          "path": str(f["path"]), "size_bytes": size, "bpw": size * 8 / n_params,
                          "ppl": q["ppl"], "ppl_stderr": q["ppl_stderr"], "kl_mean": q["kl"]["mean"],
                          "kl_p99": q["kl"]["p99"], "top1": q["kl"]["top1"],

@@ -3,7 +3,8 @@ markdown out. No llama.cpp, no torch: tested on hand-made rows in tests/test_ben
 
 A row is a dict with at least ``name``, ``side`` ("ours" / "llama.cpp" / "reference"),
 ``type`` (Q8_0, Q4_0, Q4_K_M, F32), ``size_bytes``, ``bpw``, ``ppl``, ``kl_mean`` and optionally
-``imatrix`` (llama.cpp rows), ``top1``, ``pp_tok_s``, ``tg_tok_s``.
+``imatrix`` (llama.cpp rows), ``top1``, ``pp_tok_s``, ``tg_tok_s`` and, for one of our files
+that mixes types, ``pair_type``: the llama.cpp type it is compared with (its ``type`` is "mix").
 
 Targets (issue 8), all judged on mean KL against the F32 file on held-out text:
 
@@ -69,11 +70,13 @@ def quality_verdicts(rows) -> list[dict]:
 
 
 def pair_rows(rows) -> list[dict]:
-    """Each of our files against llama.cpp's files of its type (plain and imatrix): ratios."""
+    """Each of our files against llama.cpp's files of its type (or ``pair_type``; plain and
+    imatrix): ratios."""
     out = []
     for ours in (r for r in rows if r["side"] == "ours"):
-        for theirs in (r for r in rows if r["side"] == "llama.cpp" and r["type"] == ours["type"]):
-            p = {"ours": ours["name"], "theirs": theirs["name"], "type": ours["type"]}
+        qtype = ours.get("pair_type", ours["type"])
+        for theirs in (r for r in rows if r["side"] == "llama.cpp" and r["type"] == qtype):
+            p = {"ours": ours["name"], "theirs": theirs["name"], "type": qtype}
             for key in ("size_bytes", "bpw", "ppl", "kl_mean", "pp_tok_s", "tg_tok_s"):
                 p[key] = _ratio(ours.get(key), theirs.get(key))
             speed = [p[k] for k in ("pp_tok_s", "tg_tok_s") if p[k] is not None]

@@ -8,7 +8,7 @@ as ``W.reshape(rows, -1)``; for a Linear that is (out_features, in_features), fo
 (out_channels, in/groups * kh * kw), for an embedding (tokens, width)):
 
 - ``codes``
-  - int4 / int8, symmetric: ``torch.int8`` (rows, cols), values in [-8, 7] / [-128, 127];
+  - int4 / int8, symmetric: ``torch.int8`` (rows, cols), values in [-8, 7] / [-127, 127] (see ``rtn.symmetric_range``);
   - int4 / int8, asymmetric: ``torch.uint8`` (rows, cols), values in [0, 15] / [0, 255];
   - fp8: ``torch.float8_e4m3fn`` (rows, cols).
 - ``scales``: (rows, n_groups) with n_groups = cols // group_size for strategy ``group``, 1 for

@@ -68,3 +68,14 @@ def test_speed_noise_floor_from_same_type_llamacpp_files():
     n = table.speed_noise(rows)
     assert n["n"] == 6 and abs(n["min"] - 0.9) < 1e-12 and n["max"] == 1.0
     assert "noise floor" in table.markdown(rows, [], [], "")
+
+
+def test_mixed_file_pairs_with_its_stated_type_and_counts_for_size_targets():
+    mixed = dict(row("ours mix", "ours", "mix", 580, 0.010, None, 121, 57), pair_type="Q4_0")
+    rows = [*ROWS, mixed]
+    pairs = {(p["ours"], p["theirs"]): p for p in table.pair_rows(rows)}
+    assert {k for k in pairs if k[0] == "ours mix"} == {("ours mix", "lc Q4_0"), ("ours mix", "lc Q4_0 imat")}
+    assert pairs[("ours mix", "lc Q4_0")]["type"] == "Q4_0" and pairs[("ours mix", "lc Q4_0")]["speed_met"] is False
+    v = {x["type"]: x for x in table.quality_verdicts(rows)}
+    assert v["Q4_0"]["ours"] == "ours mix" and abs(v["Q4_0"]["kl_ratio"] - 0.25) < 1e-12  # 0.010 / 0.040
+    assert v["Q4_K_M"]["ours"] == "ours mix" and v["Q4_K_M"]["met"]  # 0.010 / 0.020 = 0.5

@@ -15,7 +15,7 @@ from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_searc
 from quantize.methods.gptq import gptq_quantize
 from quantize.methods.rtn import quantize_rtn
 from quantize.methods.stats import ActStats, HessianAccumulator
-from quantize.schemes import QuantScheme
+from quantize.schemes import QuantScheme, resolve_scheme
 
 # SQNR floors (dB) on i.i.d. Gaussian weights, (256, 1024). Reasoning: Q4_0 uses the step
 # d = max|x| / 8 per group; the max of 32 standard normals is about 2.0, so d ~ 0.25 and the
@@ -134,6 +134,23 @@ def test_importance_rtn_never_worse_in_weighted_error(kw):
     # Without the flag, or without statistics, it is plain RTN.
     assert torch.equal(quantize_rtn("w", w, QuantScheme(**kw), importance=imp).codes, plain.codes)
     assert torch.equal(quantize_rtn("w", w, QuantScheme(**kw, importance=True)).codes, plain.codes)
+
+
+@pytest.mark.parametrize("preset", ["int8", "int4"])
+def test_importance_without_statistics_minimises_plain_squared_error(preset):
+    """Embedding tables have no activation statistics: a scheme asking for importance gets the
+    scale search under uniform weights, never worse than RTN in squared error per group."""
+    from quantize.methods.dispatch import quantize_tensor
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(128, 256, generator=g) * 0.02
+    plain = quantize_rtn("e", w, resolve_scheme(preset))
+    searched = quantize_tensor("e", w, QuantScheme(**{**resolve_scheme(preset).model_dump(), "importance": True}))
+    err = lambda qt: ((qt.dequantize() - w) ** 2).reshape(128, -1, 32).sum(-1)  # noqa: E731
+    assert (err(searched) <= err(plain) * (1 + 1e-6) + 1e-15).all()
+    assert err(searched).sum() < err(plain).sum()
+    lo = -127 if preset == "int8" else -8  # llama.cpp's Q8_0 kernels assume codes >= -127
+    assert searched.codes.min() >= lo and plain.codes.min() >= lo
 
 
 def test_importance_shape_checked():

@@ -72,6 +72,20 @@ def test_preset_with_overrides_and_exports():
     assert "mix" in _err({"model": "m", "output": "o", "exports": {"gguf": {"mix": "Q3_Z"}}})
 
 
+def test_gguf_tensor_types_are_strict_and_last_match_wins():
+    from quantize.formats.gguf.mixes import named_type
+
+    bad = _err({"model": "m", "output": "o", "exports": {"gguf": {"tensor_types": [{"match": ["blk.*"], "type": "Q3_Z"}]}}})
+    assert "Q3_Z" in bad and "Q6_K" in bad  # names the bad type and lists the valid ones
+    assert "tensor_types.0.match" in _err({"model": "m", "output": "o", "exports": {"gguf": {"tensor_types": [{"matchh": ["x"], "type": "Q8_0"}]}}})
+    r = parse_recipe({"model": "m", "output": "o", "exports": {"gguf": {"tensor_types": [
+        {"match": ["blk.*.ffn_down.weight", "blk.*.attn_v.weight"], "type": "Q6_K"}, {"match": ["blk.0.*"], "type": "Q8_0"}]}}})
+    rules = r.exports.gguf.tensor_types
+    assert named_type("blk.3.ffn_down.weight", rules) == "Q6_K"
+    assert named_type("blk.0.ffn_down.weight", rules) == "Q8_0"
+    assert named_type("blk.3.ffn_up.weight", rules) is None
+
+
 def test_presets_are_frozen_and_strict():
     s = resolve_scheme("int4")
     with pytest.raises(Exception):

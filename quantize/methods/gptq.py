@@ -26,7 +26,7 @@ import logging
 import torch
 
 from quantize.errors import QuantizeError
-from quantize.methods.rtn import as_rows, group_view, int_scales, quantize_rtn
+from quantize.methods.rtn import as_rows, group_view, int_scales, quantize_rtn, symmetric_range
 from quantize.qtensor import QuantizedTensor
 from quantize.schemes import QuantScheme
 
@@ -80,7 +80,7 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
 
     orig_idx = perm.tolist() if perm is not None else list(range(cols))
     if sym:
-        lo_q, hi_q = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        lo_q, hi_q = symmetric_range(bits)
     else:
         lo_q, hi_q = 0, (1 << bits) - 1
     codes = torch.zeros(rows, cols, dtype=torch.int16, device=w.device)

@@ -57,12 +57,21 @@ def int_scales(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.
     return scale, zero
 
 
+def symmetric_range(bits: int) -> tuple[int, int]:
+    """Code range of symmetric int codes: [-8, 7] for int4 (Q4_0 stores q + 8 in a nibble and
+    uses -8), [-127, 127] for int8. llama.cpp's Q8_0 never holds -128 (its quantizer rounds
+    amax / d = 127), and its x86 kernels compute |x| with a sign trick that only holds there:
+    codes from a tighter scale (importance search, GPTQ) clip at -127 as they do at +127."""
+    hi = (1 << (bits - 1)) - 1
+    return (-hi if bits == 8 else -hi - 1), hi
+
+
 def int_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Integer codes for grouped weights under given scales (and zero points)."""
     s = scale.to(torch.float32).unsqueeze(-1)
     inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
     if zero is None:
-        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        lo, hi = symmetric_range(bits)
         return torch.round(groups * inv).clamp(lo, hi).to(torch.int8)
     qmax = (1 << bits) - 1
     return torch.round(groups * inv + zero.to(torch.float32).unsqueeze(-1)).clamp(0, qmax).to(torch.uint8)
