@@ -81,7 +81,7 @@ def f32_logits(heldout_tokens):
 KEEP_ALL = {"text": "keep", "token_embeddings": "keep", "per_layer_embeddings": "keep", "vision": "keep", "audio": "keep"}
 
 
-def make_ctx(folder, out, mix, towers=None, mmproj=False, **gguf_opts):
+def make_ctx(folder, out, mix, towers=None, mmproj=False, ignore=(), **gguf_opts):
     from pathlib import Path
 
     from quantize.formats.base import ExportContext
@@ -91,7 +91,7 @@ def make_ctx(folder, out, mix, towers=None, mmproj=False, **gguf_opts):
     from quantize.source import TensorSource
 
     r = parse_recipe({
-        "name": "t", "model": str(folder), "output": str(out), "towers": towers or KEEP_ALL,
+        "name": "t", "model": str(folder), "output": str(out), "towers": towers or KEEP_ALL, "ignore": list(ignore),
         "exports": {"gguf": {"mix": mix, "mmproj": mmproj, **gguf_opts}},
     })
     ck = Checkpoint(folder)
@@ -134,7 +134,7 @@ def test_quantized_exports_load_and_stay_close_to_f32(tiny_trained, heldout_toke
 def test_our_bit_allocation_beats_llamacpp_q4_0_at_smaller_size(tiny_trained, heldout_tokens, f32_logits, tmp_path):
     """recipes/int4.yaml's GGUF allocation (RTN here, no calibration) against llama.cpp's own
     quantizer (``llama_model_quantize`` Q4_0 of our F16 export): no larger, at most 0.6x the KL.
-    Measured: 0.87x the size; KL ratio about 0.2 (llama.cpp's Q4_0 spends Q6_K on the tied
+    Measured: about 0.91x the size, KL ratio about 0.2 (llama.cpp's Q4_0 spends Q6_K on the tied
     token embedding, which is the output layer and dominates KL, and on the per-layer table)."""
     import ctypes
 
@@ -145,9 +145,9 @@ def test_our_bit_allocation_beats_llamacpp_q4_0_at_smaller_size(tiny_trained, he
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
     params.allow_requantize = True  # our F16 file holds IQ1_S placeholders for the shared layers' k/v
     assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
-    towers = {**KEEP_ALL, "text": "int4", "per_layer_projections": "int8",
+    towers = {**KEEP_ALL, "text": "int4", "per_layer_projections": "int4",
               "token_embeddings": {"preset": "int8", "importance": True}}
-    ours = _export(tiny_trained, tmp_path / "ours", "auto", towers=towers,
+    ours = _export(tiny_trained, tmp_path / "ours", "auto", towers=towers, ignore=["*per_layer_model_projection*"],
                    tensor_types=[{"match": ["per_layer_token_embd.weight"], "type": "Q5_K"}])
     _, toks = heldout_tokens
     kl_ours = mean_kl(f32_logits, llama_logits(ours, toks))
