@@ -222,6 +222,8 @@ def speed_rounds(files: dict[str, Path], base, threads: int, prompt: int, gen: i
 
 
 def main(argv=None) -> int:
+    from eval.atomic_file import write_text_atomic
+
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -377,9 +379,7 @@ def main(argv=None) -> int:
                                                          "prompt_tokens", "gen_tokens", "rounds")},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for name, text in (("compare_llamacpp.json", json.dumps(result, indent=1, default=str)), ("compare_llamacpp.md", md)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
     print(md)
     print(f"wrote {out / 'compare_llamacpp.json'} and {out / 'compare_llamacpp.md'} ({total / 60:.1f} min)")
     return 0

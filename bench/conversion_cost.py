@@ -269,6 +269,8 @@ def markdown(results: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> int:
+    from eval.atomic_file import write_text_atomic
+
     args = parse_args(argv)
     from bench.llamacpp_tools import find_tools
 
@@ -288,13 +290,10 @@ def main(argv=None) -> int:
               "sum, its peak the larger of the two.")
     md = markdown(results, header)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, text in (("conversion_cost.json", json.dumps({"command": cmd.strip(), "threads": args.threads,
                                                                "results": results}, indent=1, default=str)),
                        ("conversion_cost.md", md)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        write_text_atomic(out / name, text)
     print(md)
     return 0
 

@@ -47,6 +47,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from eval.atomic_file import write_text_atomic
+
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
             path.unlink()
     total = time.perf_counter() - t0
     cmd = "python bench/sensitivity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"# KL of quantizing one tensor group at a time (the rest F32)\n",
+    lines = ["# KL of quantizing one tensor group at a time (the rest F32)\n",
              f"Model `{model.name}`, {base.tokens.shape[0]} held-out windows of {base.tokens.shape[1]} tokens, mean KL "
              f"against the F32 GGUF in llama.cpp, no importance statistics. Made by `{cmd.strip()}` in {total / 60:.1f} min, "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}.\n",
@@ -95,12 +97,9 @@ def main(argv=None) -> int:
         lines.append(f"| {group} | " + " | ".join(f"{kl[t]:.2e}" for t in args.types) + " |")
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for fname, text in (("sensitivity.json", json.dumps({"command": cmd.strip(), "model": str(model), "rows": rows,
                                                           "total_s": round(total, 1)}, indent=1)), ("sensitivity.md", md)):
-        tmp = out / f".{fname}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / fname)
+        write_text_atomic(out / fname, text)
     print(md)
     return 0
 

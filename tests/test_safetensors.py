@@ -47,10 +47,16 @@ from quantize.schemes import resolve_scheme
 from quantize.source import TensorSource
 
 LOGIT_TOL = 1e-4
-NF4_LOGIT_TOL = 1e-3
+# bitsandbytes' CPU 4-bit kernels round differently by CPU: 1e-3 held on the machine that set it,
+# an AMD EPYC gave 1.4e-3 (logits up to 7.8, mean difference 2e-4). A wrong packing moves logits
+# by the nf4 error itself (mean KL ~1e-2 against the unquantized model), orders of magnitude more.
+NF4_LOGIT_TOL = 5e-3
 NF4_KL_MAX = 0.05
 TOWER_COS_FLOOR = 0.99
-NF4_AUDIO_COS_FLOOR = 0.95
+# bitsandbytes' own nf4 (it re-quantizes; our codes are not used) on the tiny audio tower, against
+# the unquantized tower: 0.967 on the machine that set this floor, 0.927 on an AMD EPYC whose
+# bitsandbytes CPU path rounds differently (see NF4_LOGIT_TOL).
+NF4_AUDIO_COS_FLOOR = 0.9
 SIZE_TOL = 0.02
 
 
@@ -431,7 +437,7 @@ def test_nf4_reloads_and_matches_bitsandbytes_dequantized(tiny_trained, tmp_path
     assert n_quantized >= 175
     a, r = logits(loaded, ids), logits(ref, ids)
     diff = (a - r).abs().max().item()
-    assert diff < NF4_LOGIT_TOL, f"max |logit diff| {diff}"
+    assert diff < NF4_LOGIT_TOL, f"max |logit diff| {diff} (logits up to {r.abs().max().item():.2f})"
     b = logits(unquantized, ids)
     kl = torch.nn.functional.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
     assert 0 < kl < NF4_KL_MAX, f"mean KL {kl}"
