@@ -61,6 +61,12 @@ def _cmd_run(args) -> int:
                 from quantize.formats.safetensors.writer import predicted_bytes
 
                 print(f"predicted safetensors artifact ({st.format}): {predicted_bytes(result.plan, st, result.model_folder):,} bytes")
+            gguf = recipe.exports.gguf
+            if gguf is not None and gguf.enabled:
+                from quantize.pipeline import gguf_text_plan
+                from quantize.formats.gguf import describe_text_plan
+
+                print(describe_text_plan(gguf_text_plan(recipe, result.model_folder, result.plan)))
         return 0
     print(f"wrote {result.out_dir}:")
     for a in result.artifacts:

@@ -73,6 +73,15 @@ def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
         resolve_mmproj(ctx, gguf)
 
 
+def gguf_text_plan(recipe: Recipe, folder: Path, plan: Plan):
+    """The text GGUF's tensor plan (names, GGUF types, bytes), computed without reading a weight."""
+    from quantize.formats.base import ExportContext
+    from quantize.formats.gguf import plan_text
+
+    ctx = ExportContext(recipe=recipe, source=TensorSource(Checkpoint(folder), plan), out_dir=Path(recipe.output), provenance={})
+    return plan_text(ctx, recipe.exports.gguf)
+
+
 def resolve_mmproj(ctx, gguf) -> tuple[bool, str | None]:
     """Whether to write the vision mmproj, and why not when ``auto`` skips it. ``true`` raises
     what mtmd cannot run (the writer's own validation); ``auto`` turns that into a note."""

@@ -55,6 +55,7 @@ def test_dry_run_prints_plan_without_output(tmp_path, tiny_random):
     assert r.returncode == 0, r.stderr
     assert "per_layer_embeddings" in r.stdout and "int4-g32-gptq" in r.stdout
     assert "layer 18 -> layers 20, 21, 22, 23" in r.stdout
+    assert "predicted GGUF text model (demo-auto.gguf):" in r.stdout and "IQ1_S (placeholders)" in r.stdout
     assert not out.exists()
 
 

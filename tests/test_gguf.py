@@ -373,3 +373,19 @@ def test_streamed_tables_equal_whole_tensor_quantization(tiny_random, tmp_path, 
         deq = gq.dequantize(t.data, qtype).reshape(-1, whole.shape[1])
         np.testing.assert_array_equal(deq[: whole.shape[0]], whole)
         assert not deq[whole.shape[0]:].any()  # padded vocabulary rows are zeros
+
+
+def test_dry_run_description_predicts_the_written_tensor_bytes(tiny_random, tmp_path):
+    from quantize.formats.gguf import describe_text_plan
+
+    towers = {**KEEP_ALL, "text": "int4", "token_embeddings": "int8"}
+    rules = [{"match": ["per_layer_token_embd.weight"], "type": "Q5_K"}, {"match": ["blk.*.ffn_down.weight"], "type": "Q6_K"}]
+    ctx, opts = make_ctx(tiny_random, tmp_path, "auto", towers=towers, tensor_types=rules)
+    line = describe_text_plan(plan_text(ctx, opts))
+    (path,) = write_gguf(ctx, opts)
+    tensors = GGUFReader(path).tensors
+    written = sum(int(t.n_bytes) for t in tensors)
+    assert f": {written:,} bytes of tensor data" in line
+    types = {t.name: t.tensor_type for t in tensors}
+    assert types["per_layer_token_embd.weight"] == T.Q5_K and types["blk.3.ffn_down.weight"] == T.Q6_K
+    assert types["blk.3.ffn_up.weight"] == T.Q4_0 and types["token_embd.weight"] == T.Q8_0

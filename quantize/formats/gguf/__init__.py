@@ -58,4 +58,17 @@ def write_gguf(ctx, options) -> list[Path]:
     return out
 
 
-__all__ = ["write_gguf", "GGUFPlan", "plan_text", "AUDIO_NOTE"]
+def describe_text_plan(plan: GGUFPlan) -> str:
+    """One line for the dry run: the text GGUF's tensor data bytes and weights per GGUF type
+    (the header and metadata add a few hundred KB for the vocabulary)."""
+    import numpy as np
+
+    weights: dict[str, int] = {}
+    for t in plan.targets:
+        key = t.choice.qtype.name + ("" if t.sources else " (placeholders)")
+        weights[key] = weights.get(key, 0) + int(np.prod(t.shape))
+    by_type = ", ".join(f"{k} {v:,}" for k, v in sorted(weights.items(), key=lambda kv: -kv[1]))
+    return f"predicted GGUF text model ({plan.path.name}): {sum(t.nbytes for t in plan.targets):,} bytes of tensor data; weights by type: {by_type}"
+
+
+__all__ = ["write_gguf", "GGUFPlan", "plan_text", "describe_text_plan", "AUDIO_NOTE"]
