@@ -389,3 +389,10 @@ def test_dry_run_description_predicts_the_written_tensor_bytes(tiny_random, tmp_
     types = {t.name: t.tensor_type for t in tensors}
     assert types["per_layer_token_embd.weight"] == T.Q5_K and types["blk.3.ffn_down.weight"] == T.Q6_K
     assert types["blk.3.ffn_up.weight"] == T.Q4_0 and types["token_embd.weight"] == T.Q8_0
+
+
+def test_tensor_types_rule_matching_nothing_is_refused(tiny_random, tmp_path):
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q4_0", tensor_types=[{"match": ["per_layer_token_emb.weight"], "type": "Q5_K"}])
+    with pytest.raises(ExportError, match=r"tensor_types.0.match \['per_layer_token_emb.weight'\] matches no quantizable GGUF tensor"):
+        write_gguf(ctx, opts)
+    assert list(tmp_path.iterdir()) == []

@@ -152,12 +152,24 @@ def plan_text(ctx, options) -> GGUFPlan:
     for t in targets:
         if not mixes.fits(t.choice.qtype, t.cols):
             raise ExportError(f"{t.gguf}: {t.cols} columns do not fit {t.choice.qtype.name} blocks of {GGML_QUANT_SIZES[t.choice.qtype][0]}")
+    _check_rules_match(options.tensor_types, targets)
     n_ph = sum(1 for t in targets if not t.sources)
     if n_ph:
         notes.append(f"{n_ph} K/V tensors of KV-shared layers written as zero placeholders: llama.cpp's loader requires them, its graph never reads them")
     targets.sort(key=_order)
     name = f"{ctx.recipe.name}-{mix}.gguf"
     return GGUFPlan(Path(ctx.out_dir) / name, "gemma3n", targets, notes, warnings)
+
+
+def _check_rules_match(rules, targets: list[Target]) -> None:
+    """A ``tensor_types`` rule that names no tensor is a typo, not a no-op: refuse it."""
+    import fnmatch
+
+    names = [t.gguf for t in targets if t.sources and len(t.shape) > 1]
+    for i, rule in enumerate(rules or ()):
+        if not any(fnmatch.fnmatchcase(n, pat) for pat in rule.match for n in names):
+            raise ExportError(f"exports.gguf.tensor_types.{i}.match {rule.match} matches no quantizable GGUF tensor; "
+                              f"names look like {', '.join(names[:3])}, blk.N.ffn_down.weight, per_layer_token_embd.weight")
 
 
 def _placeholder(name: str, shape: tuple[int, ...], layer: int | None, why: str) -> Target:
