@@ -63,6 +63,12 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_
 GGUF_MIXES = ("Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F16", "F32", "auto")
 
 
+def _gguf_type(v: str | None) -> str | None:
+    if v is not None and v not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {v!r}; valid: {', '.join(GGUF_TYPES)}")
+    return v
+
+
 class GGUFTensorType(_Strict):
     """Give GGUF tensors matching any of ``match`` (globs on GGUF names, e.g. ``blk.*.ffn_down.weight``)
     the GGUF type ``type``, like ``llama-quantize --tensor-type``. Later rules win."""
@@ -73,9 +79,7 @@ class GGUFTensorType(_Strict):
     @field_validator("type")
     @classmethod
     def _type(cls, v):
-        if v not in GGUF_TYPES:
-            raise ValueError(f"unknown GGUF type {v!r}; valid: {', '.join(GGUF_TYPES)}")
-        return v
+        return _gguf_type(v)
 
 
 class GGUFExport(_Strict):
@@ -102,9 +106,7 @@ class GGUFExport(_Strict):
     @field_validator("token_embeddings", "per_layer_embeddings")
     @classmethod
     def _type(cls, v):
-        if v is not None and v not in GGUF_TYPES:
-            raise ValueError(f"unknown GGUF type {v!r}; valid: {', '.join(GGUF_TYPES)}")
-        return v
+        return _gguf_type(v)
 
 
 class SafetensorsExport(_Strict):
