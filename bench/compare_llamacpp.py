@@ -298,10 +298,10 @@ def main(argv=None) -> int:
     int8_searched = {"preset": "int8", "importance": True}  # MSE-optimal Q8_0 scales (see quantize.methods.dispatch)
     ours_specs = [
         ("ours-Q8_0", "Q8_0", {"text": {"type": "int8", "method": "gptq"}, "per_layer_projections": "int8",
-                               "token_embeddings": int8_searched, "per_layer_embeddings": int8_searched}, "auto", None),
-        ("ours-Q4_0-gptq", "Q4_0", {"text": "int4_gptq", "per_layer_projections": "int4"}, "auto", None),
-        ("ours-Q4_0-imatrix", "Q4_0", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "auto", None),
-        ("ours-Q4_K_M", "Q4_K_M", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "Q4_K_M", None),
+                               "token_embeddings": int8_searched, "per_layer_embeddings": int8_searched}, "auto"),
+        ("ours-Q4_0-gptq", "Q4_0", {"text": "int4_gptq", "per_layer_projections": "int4"}, "auto"),
+        ("ours-Q4_0-imatrix", "Q4_0", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "auto"),
+        ("ours-Q4_K_M", "Q4_K_M", {"text": "int4_imatrix", "per_layer_projections": "int4"}, "Q4_K_M"),
     ]
     # Our bit allocation (recipes/int4.yaml's GGUF): the decoder stays int4 GPTQ (Q4_0 blocks),
     # the per-layer input gate/projection Q4_0 as in llama.cpp's Q4_0; the tied token embedding
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     # tiny model's generation speed, where they are a fifth of the decoder's weights.)
     mix_towers = {"text": "int4_gptq", "per_layer_projections": "int4", "token_embeddings": int8_searched}
     mix_types = {"tensor_types": [{"match": ["per_layer_token_embd.weight"], "type": "Q5_K"}]}
-    for name, qt, towers, mix, _ in ours_specs:
+    for name, qt, towers, mix in ours_specs:
         with timer(f"ours: {name}"):
             path = run_ours(our_recipe(name, model, work, towers, mix, calib, emb_types(qt)), args.reuse)
         files[name] = {"path": path, "side": "ours", "type": qt, "imatrix": None, "recipe_towers": towers, "mix": mix}

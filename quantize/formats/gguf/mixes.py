@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as FT
 
+from quantize.model import glob_match
 from quantize.schemes import QuantScheme
 
 MIX_DEFAULT = {
@@ -100,11 +101,9 @@ def float_type(mix: str, source_dtype: str) -> T:
 
 def named_type(gguf_name: str, rules) -> str | None:
     """The type the last matching ``tensor_types`` rule (``.match`` globs, ``.type``) names, or None."""
-    import fnmatch
-
     found = None
     for rule in rules or ():
-        if any(fnmatch.fnmatchcase(gguf_name, pat) for pat in rule.match):
+        if glob_match(gguf_name, rule.match):
             found = rule.type
     return found
 
@@ -112,17 +111,17 @@ def named_type(gguf_name: str, rules) -> str | None:
 def choose(
     gguf_name: str, ndim: int, cols: int, layer: int | None, n_layer: int, mix: str,
     scheme: QuantScheme | None, source_dtype: str,
-    token_embd: str | None = None, per_layer_embd: str | None = None, tensor_types=(),
+    token_embd: str | None = None, per_layer_embd: str | None = None, named: str | None = None,
 ) -> Choice:
     """The GGUF type of one (non-placeholder) text tensor. ``scheme`` None means kept.
 
-    Precedence: 1-D tensors are F32; then the embedding options; then ``tensor_types`` rules;
-    then the mix."""
+    Precedence: 1-D tensors are F32; then the embedding options; then ``named``, the type a
+    ``tensor_types`` rule gives this tensor (``named_type``); then the mix."""
     if ndim == 1:
         return Choice(T.F32)
     override = {"token_embd.weight": token_embd, "per_layer_token_embd.weight": per_layer_embd}.get(gguf_name)
     if override is None:
-        override = named_type(gguf_name, tensor_types)
+        override = named
     exact = exact_for_scheme(scheme, cols) if scheme is not None and scheme.is_quantized else None
     if override is not None:
         t = T[override]

@@ -29,6 +29,7 @@ from quantize.errors import ExportError
 from quantize.formats.gguf import blocks, kquants, mixes
 from quantize.formats.gguf.names import TEXT_RULES, require_name
 from quantize.llamacpp_layout import validate_layout
+from quantize.model import glob_match
 from quantize.qtensor import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,14 @@ def plan_text(ctx, options) -> GGUFPlan:
             targets.append(_placeholder(gname, shape, e0.layer, "dead k/v of a KV-shared layer (never read by llama.cpp)"))
             continue
         scheme = e0.scheme if e0.quantized else None
+        named = mixes.named_type(gname, options.tensor_types)
         choice = mixes.choose(gname, len(shape), shape[-1], e0.layer, n_layer, mix, scheme, e0.dtype,
-                              options.token_embeddings, options.per_layer_embeddings, options.tensor_types)
+                              options.token_embeddings, options.per_layer_embeddings, named)
         method = e0.scheme.method if e0.quantized else "keep"
         # GPTQ/AWQ values are the calibrated result: any other type packs them. Under ``auto`` a
         # non-exact type reproduces our RTN values too; a type the recipe names for this tensor
         # (``tensor_types``) is encoded from the original weights (with their importance).
-        named = mixes.named_type(gname, options.tensor_types) is not None
-        deq = e0.quantized and not choice.exact and (method in ("gptq", "awq") or (mix == "auto" and not named))
+        deq = e0.quantized and not choice.exact and (method in ("gptq", "awq") or (mix == "auto" and named is None))
         if choice.note:
             notes.append(f"{gname}: {choice.note}")
         targets.append(Target(gname, shape, tuple(x.name for x in ents), choice, transform, e0.layer, pad, method, deq))
@@ -163,11 +164,9 @@ def plan_text(ctx, options) -> GGUFPlan:
 
 def _check_rules_match(rules, targets: list[Target]) -> None:
     """A ``tensor_types`` rule that names no tensor is a typo, not a no-op: refuse it."""
-    import fnmatch
-
     names = [t.gguf for t in targets if t.sources and len(t.shape) > 1]
     for i, rule in enumerate(rules or ()):
-        if not any(fnmatch.fnmatchcase(n, pat) for pat in rule.match for n in names):
+        if not any(glob_match(n, rule.match) for n in names):
             raise ExportError(f"exports.gguf.tensor_types.{i}.match {rule.match} matches no quantizable GGUF tensor; "
                               f"names look like {', '.join(names[:3])}, blk.N.ffn_down.weight, per_layer_token_embd.weight")
 
@@ -245,9 +244,11 @@ def packed_chunks(ctx, t: Target):
         info = ctx.source.checkpoint.tensors[src]
         n_rows = info.shape[0] if info.shape else 1
         per_row = info.numel // max(n_rows, 1)
-        streamed = ctx.source.row_streamable(src) and info.numel > STREAM_ELEMENTS and per_row % t.cols == 0
-        ranges = ([(r0, min(n_rows, r0 + max(1, STREAM_ELEMENTS // per_row))) for r0 in range(0, n_rows, max(1, STREAM_ELEMENTS // per_row))]
-                  if streamed else [None])
+        if ctx.source.row_streamable(src) and info.numel > STREAM_ELEMENTS and per_row % t.cols == 0:
+            step = max(1, STREAM_ELEMENTS // per_row)
+            ranges = [(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
+        else:
+            ranges = [None]  # the whole tensor, as computed
         for rng in ranges:
             part = _pack(ctx, src, t, _values(ctx, src, t, rng))
             if part.shape[1] != rb or done + part.shape[0] + t.pad_rows > t.rows:
@@ -258,11 +259,6 @@ def packed_chunks(ctx, t: Target):
         raise ExportError(f"{t.gguf}: packed {done} rows (+{t.pad_rows} padding), expected {t.rows} for {t.shape}")
     if t.pad_rows:
         yield np.zeros((t.pad_rows, rb), np.uint8)
-
-
-def pack_target(ctx, t: Target) -> np.ndarray:
-    """The bytes of one target (uint8, 1-D), read and packed alone."""
-    return np.concatenate([c.reshape(-1) for c in packed_chunks(ctx, t)]) if t.rows else np.zeros(0, np.uint8)
 
 
 class _StreamedTensor:
