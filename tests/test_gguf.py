@@ -359,6 +359,9 @@ def test_streamed_tables_equal_whole_tensor_quantization(tiny_random, tmp_path, 
     from quantize.formats.gguf import writer
 
     monkeypatch.setattr(writer, "STREAM_ELEMENTS", 5000)  # rows of 6400 / 256 values: 1 / 19 rows a piece
+    reads = []
+    real_read_rows = Checkpoint.read_rows
+    monkeypatch.setattr(Checkpoint, "read_rows", lambda self, n, a, b: reads.append(n) or real_read_rows(self, n, a, b))
     towers = {**KEEP_ALL, "per_layer_embeddings": "int8_row", "token_embeddings": "int4"}
     ctx, opts = make_ctx(tiny_random, tmp_path, "auto", towers=towers, token_embeddings="Q4_0", per_layer_embeddings="Q8_0")
     (path,) = write_gguf(ctx, opts)
@@ -373,6 +376,7 @@ def test_streamed_tables_equal_whole_tensor_quantization(tiny_random, tmp_path, 
         deq = gq.dequantize(t.data, qtype).reshape(-1, whole.shape[1])
         np.testing.assert_array_equal(deq[: whole.shape[0]], whole)
         assert not deq[whole.shape[0]:].any()  # padded vocabulary rows are zeros
+        assert reads.count(src) > 1  # really read in pieces
 
 
 def test_dry_run_description_predicts_the_written_tensor_bytes(tiny_random, tmp_path):
