@@ -1,6 +1,7 @@
-"""Reports from results files: ``report.md`` (tables) and ``report.html`` (tables and inline SVG
-plots: quality against size, and latency with one column per device, so a GPU run and a
-Jetson run sit side by side), with regressions flagged against a baseline.
+"""Reports from results files: ``report.md`` and ``report.html`` (the same tables, and the same
+matplotlib figures: KL on a log axis and perplexity against size, and decode / prefill rates
+with one panel per device, so a GPU run and a Jetson run sit side by side; SVG files next to
+report.md, embedded in the self-contained page), with regressions flagged against a baseline.
 
 Baseline: either the name of one result (every other result on the same device is compared
 with it) or results of an earlier run (a file or folder; results are paired by name and
@@ -9,12 +10,13 @@ drops, by more than the thresholds.
 """
 from __future__ import annotations
 
+import base64
 import logging
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
-from eval import svg
+from eval import figures
 from eval.errors import EvalError
 from eval.results import load_results
 from eval.atomic_file import write_text_atomic
@@ -125,22 +127,64 @@ def regressions(results: list[dict], baseline: str | None, t: Thresholds) -> lis
     return flags
 
 
-def markdown(results: list[dict], flags: list[str]) -> str:
-    lines = ["# Evaluation report", "", "## Quality", "",
-             "| artifact | backend | device | size (MB) | ppl | KL mean | KL p99 | top-1 | towers (cos) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+def _quality_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the quality table, shared by markdown and HTML so they show the same
+    columns: one cosine column per tower that any result measured."""
+    towers = list(dict.fromkeys(t for r in results for t, v in (r.get("towers") or {}).items() if isinstance(v, dict)))
+    header = ["artifact", "backend", "device", "size (MB)", "ppl", "KL mean", "KL p99", "top-1", *(f"{t} cos (mean)" for t in towers)]
+    rows = []
     for r in results:
-        q = r["quality"]
-        tw = r.get("towers") or {}
-        towers = ", ".join(f"{k} {v['cosine_mean']:.4f}" for k, v in tw.items() if isinstance(v, dict)) or "-"
-        lines.append(f"| {r['name']} | {r['backend']} | {_dev(r)} | {_mb(r['artifact']['size_bytes']):.2f} | {q['ppl']:.4f} | "
-                     f"{q['kl']['mean']:.6f} | {q['kl']['p99']:.5f} | {q['kl']['top1']:.4f} | {towers} |")
-    devices, rows, values = _latency_rows(results)
-    if rows:
+        q, tw = r["quality"], r.get("towers") or {}
+        rows.append([r["name"], r["backend"], _dev(r), f"{_mb(r['artifact']['size_bytes']):.2f}", f"{q['ppl']:.4f}",
+                     f"{q['kl']['mean']:.6f}", f"{q['kl']['p99']:.5f}", f"{q['kl']['top1']:.4f}",
+                     *(f"{tw[t]['cosine_mean']:.4f}" if isinstance(tw.get(t), dict) else "-" for t in towers)])
+    return header, rows
+
+
+@dataclass(frozen=True)
+class Plot:
+    file: str  # written next to report.md, embedded in report.html
+    title: str
+    figure: object  # matplotlib Figure
+
+
+def report_figures(results: list[dict]) -> list[Plot]:
+    """KL (log axis) and perplexity against size; decode and prefill rates per device when any
+    result has latency."""
+    def pts(metric):
+        return [figures.Point(_mb(r["artifact"]["size_bytes"]), metric(r), r["name"], f"{r['backend']} / {_dev(r)}")
+                for r in results]
+
+    plots = [Plot("kl_vs_size.svg", "KL divergence against size",
+                  figures.scatter(pts(lambda r: r["quality"]["kl"]["mean"]), "KL divergence against size",
+                                  "artifact size (MB)", "mean KL (nats/token, log scale)", log_y=True)),
+             Plot("ppl_vs_size.svg", "Perplexity against size",
+                  figures.scatter(pts(lambda r: r["quality"]["ppl"]), "Perplexity against size", "artifact size (MB)", "perplexity"))]
+    timed = [r for r in results if _decode_rate(r) is not None]
+    if timed:
+        devices = list(dict.fromkeys(_dev(r) for r in timed))
+        names = list(dict.fromkeys(r["name"] for r in timed))
+        values = {}
+        for r in timed:
+            values[(r["name"], "decode", _dev(r))] = _decode_rate(r)
+            values[(r["name"], "prefill", _dev(r))] = _prefill_rate(r)
+        plots.append(Plot("latency.svg", "Decode and prefill rates", figures.rate_bars(devices, names, values)))
+    return plots
+
+
+def markdown(results: list[dict], flags: list[str], plots: list[Plot]) -> str:
+    header, rows = _quality_table(results)
+    lines = ["# Evaluation report", "", "## Quality", "",
+             "| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"![{p.title}]({p.file})" for p in plots if p.file != "latency.svg"]
+    devices, lat_rows, values = _latency_rows(results)
+    if lat_rows:
         lines += ["", "## Latency (medians; one column per device)", "",
                   "| artifact | metric | " + " | ".join(devices) + " |", "|---|---|" + "---:|" * len(devices)]
-        for name, m in rows:
+        for name, m in lat_rows:
             lines.append(f"| {name} | {m} | " + " | ".join(_fmt(values.get((name, m, d))) for d in devices) + " |")
+        lines += [""] + [f"![{p.title}]({p.file})" for p in plots if p.file == "latency.svg"]
     lines += ["", "## Regressions", ""]
     lines += [f"- {f}" for f in flags] or ["none flagged"]
     s = results[0].get("settings", {})
@@ -155,50 +199,34 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def html(results: list[dict], flags: list[str]) -> str:
-    quality_rows = []
-    for r in results:
-        q = r["quality"]
-        quality_rows.append([r["name"], r["backend"], _dev(r), f"{_mb(r['artifact']['size_bytes']):.2f}", f"{q['ppl']:.4f}",
-                             f"{q['kl']['mean']:.6f}", f"{q['kl']['p99']:.5f}", f"{q['kl']['top1']:.4f}"])
-    pts_kl = [(_mb(r["artifact"]["size_bytes"]), r["quality"]["kl"]["mean"], r["name"], f"{r['backend']} / {_dev(r)}") for r in results]
-    pts_ppl = [(_mb(r["artifact"]["size_bytes"]), r["quality"]["ppl"], r["name"], f"{r['backend']} / {_dev(r)}") for r in results]
-    plots = [svg.scatter(pts_kl, "KL divergence against size", "artifact size (MB)", "mean KL (nats/token)"),
-             svg.scatter(pts_ppl, "Perplexity against size", "artifact size (MB)", "perplexity")]
+def _img(plot: Plot, svg: str) -> str:
+    # A data URI keeps the page one self-contained file, and gives each SVG its own document, so
+    # the element ids matplotlib writes cannot collide between figures.
+    data = base64.b64encode(svg.encode()).decode()
+    return f'<figure><img src="data:image/svg+xml;base64,{data}" alt="{escape(plot.title)}"></figure>'
+
+
+def html(results: list[dict], flags: list[str], plots: list[Plot], svgs: dict[str, str]) -> str:
+    imgs = {p.file: _img(p, svgs[p.file]) for p in plots}
     devices, rows, values = _latency_rows(results)
-    names = list(dict.fromkeys(r["name"] for r in results if r.get("latency")))
-    lat_cells = []
-    for d in devices:
-        # Keep the longest prompt's numbers (the last row of each artifact).
-        dec_last = {}
-        pre_last = {}
-        for (n, m) in rows:
-            if (n, m, d) in values and m.startswith("decode tok/s"):
-                dec_last[(n, "decode")] = values[(n, m, d)]
-            if (n, m, d) in values and m.startswith("prefill tok/s"):
-                pre_last[(n, "prefill")] = values[(n, m, d)]
-        lat_cells.append(f"<td>{svg.bars(names, ['decode'], dec_last, f'decode tok/s: {d}', 'tokens/s')}"
-                         f"{svg.bars(names, ['prefill'], pre_last, f'prefill tok/s: {d}', 'tokens/s')}</td>")
     lat_table = _table(["artifact", "metric", *devices],
                        [[n, m, *(_fmt(values.get((n, m, d))) for d in devices)] for n, m in rows]) if rows else "<p>no latency measured</p>"
     flag_html = "".join(f"<li class='flag'>{escape(f)}</li>" for f in flags) or "<li>none flagged</li>"
-    lat_grid = (f"<table class='grid'><tr>{''.join(f'<th>{escape(d)}</th>' for d in devices)}</tr><tr>{''.join(lat_cells)}</tr></table>"
-                if devices else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }}
-table.grid td, table.grid th {{ border: none; text-align: center; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; }}
 .flag {{ color: #b00; }}
 </style></head><body>
 <h1>Evaluation report</h1>
 <h2>Quality</h2>
-{_table(["artifact", "backend", "device", "size (MB)", "ppl", "KL mean", "KL p99", "top-1"], quality_rows)}
-<div class="plots">{"".join(plots)}</div>
+{_table(*_quality_table(results))}
+<div class="plots">{imgs["kl_vs_size.svg"]}{imgs["ppl_vs_size.svg"]}</div>
 <h2>Latency (medians; one column per device)</h2>
-{lat_grid}
+{imgs.get("latency.svg", "")}
 {lat_table}
 <h2>Regressions</h2>
 <ul>{flag_html}</ul>
@@ -217,6 +245,10 @@ def write_report(result_paths, out_dir: str | Path, baseline: str | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "report.md", out / "report.html"
-    _write(md, markdown(results, flags))
-    _write(page, html(results, flags))
+    plots = report_figures(results)
+    svgs = {p.file: figures.to_svg(p.figure) for p in plots}
+    for name, text in svgs.items():
+        _write(out / name, text)
+    _write(md, markdown(results, flags, plots))
+    _write(page, html(results, flags, plots, svgs))
     return md, page, flags
