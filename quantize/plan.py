@@ -3,13 +3,17 @@ weight is read.
 
 Scheme resolution, in order: 1-D tensors are never quantized; ``ignore`` globs keep a tensor;
 the last matching ``overrides`` entry wins; otherwise the tower's default. Then the KV-sharing
-rule: a producer's k_proj/v_proj feed every consumer of its group, so
+rule: a producer's k_proj feeds every consumer's keys and its v_proj every consumer's values.
+K and V are separate tensors with separate caches, so they may have different schemes (llama.cpp's
+own mixes give ``attn_v`` more bits than ``attn_k``); only consistency within a group matters.
+For K and for V separately:
 
-- an override that gives k/v of one layer of a group a scheme that differs from another layer's
-  explicit k/v scheme in the same group is refused (``PlanError`` naming the group);
-- otherwise the producer's k/v get the highest precision that any layer of the group asks for
-  (a consumer asks through its own attention's scheme, i.e. its q_proj scheme, or an explicit
-  k/v override).
+- explicit overrides of that projection (k_proj or v_proj) on layers of one group that disagree
+  are refused (``PlanError`` naming the group);
+- an explicit override sets the producer's projection (an override on the producer's k_proj
+  sets K only);
+- otherwise the producer's projection gets the highest precision that any layer of the group
+  asks for (a consumer asks through its own attention's scheme, i.e. its q_proj scheme).
 
 Consumers' dead k/v (present in Google's checkpoints) are marked ``dead``: never calibrated,
 never quantized, written only where a format requires them (llama.cpp's GGUF).
@@ -153,44 +157,39 @@ def _layer_name(ckpt_names, layer: int, leaf: str) -> str | None:
 def _apply_kv_groups(entries: dict[str, PlanEntry], explicit_kv, groups, ckpt: Checkpoint):
     names = list(entries)
     for g in groups:
-        explicit: dict[str, QuantScheme] = {}
-        asks: list[QuantScheme] = []
-        for layer in g.layers:
-            for leaf in ("k_proj", "v_proj"):
+        asks = []
+        for layer in g.consumers:
+            q = _layer_name(names, layer, "q_proj")
+            if q is not None:
+                asks.append(entries[q].scheme)
+        # K and V are resolved independently: the producer's k_proj feeds only the keys.
+        for leaf in ("k_proj", "v_proj"):
+            explicit: dict[str, QuantScheme] = {}
+            for layer in g.layers:
                 n = _layer_name(names, layer, leaf)
                 if n is not None and n in explicit_kv:
                     explicit[n] = explicit_kv[n][1]
-            if layer != g.producer:
-                q = _layer_name(names, layer, "q_proj")
-                if q is not None:
-                    asks.append(entries[q].scheme)
-        if len({s.label() for s in explicit.values()}) > 1:
-            detail = "; ".join(f"{n}: {s.label()}" for n, s in sorted(explicit.items()))
-            raise PlanError(
-                f"KV-sharing group ({g.describe()}) gets conflicting K/V schemes: {detail}. "
-                f"Layer {g.producer}'s k_proj/v_proj feed every layer of the group, so give them one scheme"
-            )
-        prod = [_layer_name(names, g.producer, leaf) for leaf in ("k_proj", "v_proj")]
-        prod = [n for n in prod if n is not None]
-        if not prod:
-            continue
-        if explicit:
-            target, why = next(iter(explicit.values())), "explicit k/v override"
-        else:
-            candidates = [entries[n].scheme for n in prod] + asks
-            target = max(candidates, key=precision_rank)
-            why = "highest precision asked in the group"
-        lifted = False
-        for n in prod:
-            e = entries[n]
+            if len({s.label() for s in explicit.values()}) > 1:
+                detail = "; ".join(f"{n}: {s.label()}" for n, s in sorted(explicit.items()))
+                raise PlanError(
+                    f"KV-sharing group ({g.describe()}) gets conflicting {leaf} schemes: {detail}. "
+                    f"Layer {g.producer}'s {leaf} feeds every layer of the group, so give them one scheme"
+                )
+            prod = _layer_name(names, g.producer, leaf)
+            if prod is None:
+                continue
+            if explicit:
+                target, why = next(iter(explicit.values())), f"explicit {leaf} override"
+            else:
+                target = max([entries[prod].scheme, *asks], key=precision_rank)
+                why = "highest precision asked in the group"
+            e = entries[prod]
             if e.scheme != target:
-                entries[n] = PlanEntry(
+                entries[prod] = PlanEntry(
                     e.name, e.shape, e.dtype, e.tower, e.layer, target,
                     f"kv group {g.producer}->{','.join(map(str, g.consumers))}: {why}", e.dead, e.bytes_before,
                 )
-                lifted = True
-        if lifted:
-            yield f"layer {g.producer} k/v set to {target.label()} ({why}; group {g.describe()})"
+                yield f"layer {g.producer} {leaf} set to {target.label()} ({why}; group {g.describe()})"
 
 
 def format_plan(plan: Plan) -> str:

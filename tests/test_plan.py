@@ -73,6 +73,43 @@ def test_conflicting_kv_schemes_in_a_group_are_refused(tiny_random):
     assert "layer 18 -> layers 20, 21, 22, 23" in msg and "layers.21" in msg and "layers.18" in msg
 
 
+def test_conflicting_v_schemes_in_a_group_are_refused_with_the_group_named(tiny_random):
+    with pytest.raises(PlanError) as e:
+        _plan(tiny_random, overrides=[
+            {"match": [_kv(19), _kv(24)], "scheme": "int8"},  # K agrees across the group
+            {"match": [_kv(19, "v_proj")], "scheme": "int8"},
+            {"match": [_kv(24, "v_proj")], "scheme": "int4"},
+        ])
+    msg = str(e.value)
+    assert "layer 19 -> layers 24" in msg and "v_proj" in msg and "layers.24" in msg and "layers.19" in msg
+
+
+def test_k_and_v_of_one_layer_may_differ(tiny_random):
+    """K int8 and V int4 in a producer layer (and an ordinary one): each keeps its own scheme;
+    a consumer that asks the same per projection is consistent with it."""
+    plan = _plan(tiny_random, overrides=[
+        {"match": [_kv(18), _kv(21), _kv(5)], "scheme": "int8"},
+        {"match": [_kv(18, "v_proj"), _kv(21, "v_proj"), _kv(5, "v_proj")], "scheme": "int4"},
+    ])
+    for layer in (18, 5):
+        assert plan[_kv(layer)].scheme.label() == "int8-g32-rtn"
+        assert plan[_kv(layer, "v_proj")].scheme.label() == "int4-g32-rtn"
+
+
+def test_override_on_producer_k_lifts_only_k(tiny_random):
+    plan = _plan(tiny_random, overrides=[{"match": [_kv(18)], "scheme": "int8"}])
+    assert plan[_kv(18)].scheme.type == "int8"
+    assert plan[_kv(18, "v_proj")].scheme.label() == "int4-g32-rtn"
+
+
+def test_consumer_asks_lift_k_and_v_separately(tiny_random):
+    # A consumer's own (dead) v_proj asking int8 lifts the producer's V, not its K.
+    plan = _plan(tiny_random, overrides=[{"match": [_kv(21, "v_proj")], "scheme": "int8"}])
+    assert plan[_kv(18, "v_proj")].scheme.type == "int8"
+    assert plan[_kv(18)].scheme.label() == "int4-g32-rtn"
+    assert any("layer 18 v_proj" in n for n in plan.notes) and not any("layer 18 k_proj" in n for n in plan.notes)
+
+
 def test_producer_kv_lifted_to_highest_precision_a_consumer_asks(tiny_random):
     plan = _plan(tiny_random, overrides=[{"match": ["*layers.22.self_attn.q_proj*"], "scheme": "int8"}])
     assert plan[_kv(18)].scheme.type == "int8" and plan[_kv(18, "v_proj")].scheme.type == "int8"
@@ -89,3 +126,37 @@ def test_dry_run_text_lists_every_tower_and_totals(tiny_random):
     before = sum(e.bytes_before for e in plan.entries)
     after = sum(e.bytes_after for e in plan.entries)
     assert f"{before:,}" in text and f"{after:,}" in text and after < before / 2
+
+
+def test_k_and_v_schemes_reach_both_formats(tiny_random, tmp_path):
+    """K int8 + V int4 in a producer layer and an ordinary one, end to end: gguf-py reads the
+    GGUF types back, and compressed-tensors (through transformers' loader) gives each module the
+    scheme of its own config group."""
+    from gguf import GGUFReader
+    from transformers import Gemma3nForConditionalGeneration
+
+    from quantize.pipeline import run
+
+    keep = {t: "keep" for t in ("token_embeddings", "per_layer_embeddings", "vision", "audio")}
+    recipe = parse_recipe({
+        "model": str(tiny_random), "output": str(tmp_path / "out"),
+        "towers": {"text": "int4", **keep},
+        "overrides": [
+            {"match": [_kv(18), _kv(21), _kv(5)], "scheme": "int8"},
+            {"match": [_kv(18, "v_proj"), _kv(21, "v_proj"), _kv(5, "v_proj")], "scheme": "int4"},
+        ],
+        "exports": {"gguf": {"mix": "auto", "mmproj": False}, "safetensors": {"format": "compressed-tensors"}},
+    })
+    out = run(recipe, progress=False).out_dir
+    gguf_path = next(out.glob("*.gguf"))
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(gguf_path)).tensors}
+    for layer in (18, 5):
+        assert types[f"blk.{layer}.attn_k.weight"] == "Q8_0" and types[f"blk.{layer}.attn_v.weight"] == "Q4_0"
+    assert types["blk.17.attn_k.weight"] == "Q4_0" and types["blk.17.attn_v.weight"] == "Q4_0"
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(out / "safetensors"))
+    layers = model.model.language_model.layers
+    for layer in (18, 5):
+        attn = layers[layer].self_attn
+        assert attn.k_proj.quantization_scheme.weights.num_bits == 8
+        assert attn.v_proj.quantization_scheme.weights.num_bits == 4

@@ -101,10 +101,33 @@ def _compact_targets(modules: list[str]) -> list[str]:
     return targets + sorted(singles)
 
 
-def build_quantization_config(layouts: list[TensorLayout], tied_lm_head: bool) -> dict:
+def kv_cache_args():
+    """The fp8 KV-cache scheme llm-compressor writes and vLLM reads: static e4m3, one scale per
+    tensor (our scales are per cache: see ``quantize.kv_cache``)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+
+
+def kv_cache_tensors(layer_scales: dict[int, tuple[float, float]]) -> dict[str, torch.Tensor]:
+    """Every layer's ``k_scale`` / ``v_scale`` on its attention module, shape (1,) as
+    compressed-tensors initializes them for the ``tensor`` strategy; fp32 keeps ``amax / 448``
+    as measured (loaders cast to the module's dtype)."""
+    from quantize.kv_cache import kv_scale_names
+
+    out = {}
+    for layer, (k, v) in sorted(layer_scales.items()):
+        k_name, v_name = kv_scale_names(layer)
+        out[k_name] = torch.tensor([k], dtype=torch.float32)
+        out[v_name] = torch.tensor([v], dtype=torch.float32)
+    return out
+
+
+def build_quantization_config(layouts: list[TensorLayout], tied_lm_head: bool, kv_cache: bool = False) -> dict:
     """``quantization_config`` for config.json: one config group per distinct scheme (its
     targets are exactly the modules written with it), and every weight-bearing module left
-    unquantized in ``ignore`` (norms, kept towers, convolutions written dequantized, lm_head)."""
+    unquantized in ``ignore`` (norms, kept towers, convolutions written dequantized, lm_head);
+    with ``kv_cache``, the fp8 ``kv_cache_scheme``."""
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
@@ -137,6 +160,7 @@ def build_quantization_config(layouts: list[TensorLayout], tied_lm_head: bool) -
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=ignore,
+        kv_cache_scheme=kv_cache_args() if kv_cache else None,
     )
     from compressed_tensors.base import (
         COMPRESSION_VERSION_NAME,
