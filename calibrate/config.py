@@ -15,9 +15,11 @@ Sources:
 """
 from __future__ import annotations
 
+import os
+import re
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SourceKind = Literal["embedded", "files", "hub"]
 
@@ -27,6 +29,21 @@ EMBEDDED_CALIBRATION_SPLITS = ("calib", "train")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_VAR = re.compile(r"\$(\w+|\{([^}]*)\})")
+
+
+def expand_path(value: str | None) -> str | None:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded, as a shell would; the one place where recipe
+    paths (and values that may be paths: a model, a dataset folder) are expanded. A variable
+    that is not set is an error, not a folder literally named ``$VAR``."""
+    if value is None:
+        return None
+    for m in _VAR.finditer(value):
+        if (m.group(2) if m.group(2) is not None else m.group(1)) not in os.environ:
+            raise ValueError(f"environment variable {m.group(0)} in {value!r} is not set")
+    return os.path.expanduser(os.path.expandvars(value))
 
 
 class _Source(_Strict):
@@ -42,6 +59,11 @@ class _Source(_Strict):
     data_files: str | list[str] | None = None
     split: str | None = None  # hub: default "train"; embedded: default "calib"
     column: str | None = None  # hub, and jsonl/parquet/csv files: default per modality
+
+    @field_validator("path", "dataset")
+    @classmethod
+    def _expand(cls, v):
+        return expand_path(v)
 
     @model_validator(mode="after")
     def _needs(self):

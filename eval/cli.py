@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from eval.backends import DEVICE_HELP, parse_device
 from eval.errors import EvalError
 
 log = logging.getLogger("eval")
@@ -24,6 +25,28 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _device(text: str) -> str:
+    try:
+        parse_device(text)
+    except EvalError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _text_source(args):
+    from eval.heldout import TextSource
+
+    if args.dataset is None and (args.dataset_config or args.split):
+        raise EvalError("--dataset-config and --split need --dataset")
+    if args.text is not None:
+        return TextSource("files", path=args.text, column=args.column)
+    if args.dataset is not None:
+        return TextSource("hub", dataset=args.dataset, name=args.dataset_config, split=args.split, column=args.column)
+    if args.column:
+        raise EvalError("--column needs --text or --dataset")
+    return TextSource()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -31,10 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="evaluate artifacts (model folders or .gguf files) against a reference")
     r.add_argument("artifacts", nargs="+", help="safetensors model folders and/or .gguf files")
-    r.add_argument("--reference", required=True, help="the unquantized model folder (also gives the tokenizer)")
+    r.add_argument("--reference", required=True,
+                   help="the unquantized model: a folder, or a hub id read from the hub cache (also gives the tokenizer)")
     r.add_argument("--backend", default="auto", choices=["auto", "transformers", "llamacpp"],
                    help="auto: llamacpp for .gguf, transformers for folders")
-    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    r.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
+    t = r.add_mutually_exclusive_group()
+    t.add_argument("--text", metavar="PATH",
+                   help="score this text instead of the embedded held-out split: a .txt/.jsonl/.parquet/.csv file, a folder or a glob")
+    t.add_argument("--dataset", metavar="ID", help="score a datasets split (hub id from the datasets cache, or a local dataset folder)")
+    r.add_argument("--dataset-config", metavar="NAME", help="with --dataset: its config name (e.g. wikitext-2-raw-v1)")
+    r.add_argument("--split", help="with --dataset: the split (default test; slices such as test[:500] work)")
+    r.add_argument("--column", help="with --dataset, or .jsonl/.parquet/.csv files: the text column (default text)")
     r.add_argument("--out", required=True, help="results folder (one JSON per artifact and device; KL base cached here)")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (torch and llama.cpp)")
     r.add_argument("--seq-len", type=int, default=512, help="window length in tokens (second half scored)")
@@ -64,14 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "run":
+            from eval.reference import resolve_reference
             from eval.run import RunSettings, describe, evaluate_many
 
             settings = RunSettings(
                 seq_len=args.seq_len, n_windows=args.n_windows, kl_top_k=args.kl_top_k, threads=args.threads,
                 device=args.device, latency=args.latency, prompt_lengths=args.prompt_lengths,
                 n_decode=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, towers=args.towers,
+                text=_text_source(args),
             )
-            paths = evaluate_many(args.artifacts, args.reference, args.out, args.backend, settings, args.kl_base)
+            reference = resolve_reference(args.reference)
+            paths = evaluate_many(args.artifacts, reference, args.out, args.backend, settings, args.kl_base)
             for p in paths:
                 print(f"{describe(p)}  -> {p}")
         else:

@@ -90,15 +90,27 @@ def _prefill_rate(r: dict) -> float | None:
     return lat["runs"][-1]["prefill_tok_s"] if lat and lat.get("runs") else None
 
 
+def _quality(r: dict, *keys):
+    """A quality number, or None where the run did not measure it (eval's perplexity / KL switches)."""
+    v = r.get("quality")
+    for k in keys:
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+
+def _num(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def compare(result: dict, base: dict, t: Thresholds) -> list[str]:
     """Reasons ``result`` regressed against ``base`` (same device), empty when it did not."""
     out = []
     who = f"{result['name']} on {_dev(result)} vs {base['name']}"
-    q, bq = result["quality"], base["quality"]
-    if q["ppl"] > bq["ppl"] * (1 + t.ppl):
-        out.append(f"{who}: ppl {q['ppl']:.4g} > {bq['ppl']:.4g} (+{q['ppl'] / bq['ppl'] - 1:.1%})")
-    kl, bkl = q["kl"]["mean"], bq["kl"]["mean"]
-    if kl > bkl * (1 + t.kl) and kl - bkl > KL_FLOOR:
+    ppl, bppl = _quality(result, "ppl"), _quality(base, "ppl")
+    if ppl is not None and bppl is not None and ppl > bppl * (1 + t.ppl):
+        out.append(f"{who}: ppl {ppl:.4g} > {bppl:.4g} (+{ppl / bppl - 1:.1%})")
+    kl, bkl = _quality(result, "kl", "mean"), _quality(base, "kl", "mean")
+    if kl is not None and bkl is not None and kl > bkl * (1 + t.kl) and kl - bkl > KL_FLOOR:
         out.append(f"{who}: KL mean {kl:.4g} > {bkl:.4g}")
     for label, fn in (("decode", _decode_rate), ("prefill", _prefill_rate)):
         a, b = fn(result), fn(base)
@@ -134,9 +146,10 @@ def _quality_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["artifact", "backend", "device", "size (MB)", "ppl", "KL mean", "KL p99", "top-1", *(f"{t} cos (mean)" for t in towers)]
     rows = []
     for r in results:
-        q, tw = r["quality"], r.get("towers") or {}
-        rows.append([r["name"], r["backend"], _dev(r), f"{_mb(r['artifact']['size_bytes']):.2f}", f"{q['ppl']:.4f}",
-                     f"{q['kl']['mean']:.6f}", f"{q['kl']['p99']:.5f}", f"{q['kl']['top1']:.4f}",
+        tw = r.get("towers") or {}
+        rows.append([r["name"], r["backend"], _dev(r), f"{_mb(r['artifact']['size_bytes']):.2f}", _num(_quality(r, "ppl"), ".4f"),
+                     _num(_quality(r, "kl", "mean"), ".6f"), _num(_quality(r, "kl", "p99"), ".5f"),
+                     _num(_quality(r, "kl", "top1"), ".4f"),
                      *(f"{tw[t]['cosine_mean']:.4f}" if isinstance(tw.get(t), dict) else "-" for t in towers)])
     return header, rows
 
@@ -156,10 +169,10 @@ def report_figures(results: list[dict]) -> list[Plot]:
                 for r in results]
 
     plots = [Plot("kl_vs_size.svg", "KL divergence against size",
-                  figures.scatter(pts(lambda r: r["quality"]["kl"]["mean"]), "KL divergence against size",
+                  figures.scatter(pts(lambda r: _quality(r, "kl", "mean")), "KL divergence against size",
                                   "artifact size (MB)", "mean KL (nats/token, log scale)", log_y=True)),
              Plot("ppl_vs_size.svg", "Perplexity against size",
-                  figures.scatter(pts(lambda r: r["quality"]["ppl"]), "Perplexity against size", "artifact size (MB)", "perplexity"))]
+                  figures.scatter(pts(lambda r: _quality(r, "ppl")), "Perplexity against size", "artifact size (MB)", "perplexity"))]
     timed = [r for r in results if _decode_rate(r) is not None]
     if timed:
         devices = list(dict.fromkeys(_dev(r) for r in timed))

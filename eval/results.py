@@ -3,13 +3,17 @@
     {
       "schema_version": 1,
       "name": "int4-gguf",                       # short label used in reports
-      "artifact": {"path", "kind": "gguf"|"safetensors", "size_bytes", "sha256"},
+      "artifact": {"path", "kind": "gguf"|"safetensors", "size_bytes", "sha256"},   # path: absolute, or
+                                                 # relative to this file's folder (quantize run's own artifacts)
       "reference": {"path", "sha256"},
       "backend": "transformers"|"llamacpp",
-      "device": {"kind": "cpu"|"cuda", "label": "...", "fingerprint": {...}},
+      "device": {"kind": "cpu"|"cuda"|"cuda:N", "label": "...", "fingerprint": {...}},
       "settings": {"seq_len", "n_windows", "threads", "kl_top_k", "text_sha256"},
-      "quality": {"ppl", "ppl_stderr", "nll_mean", "n_tokens",
-                  "kl": {"mean", "median", "p99", "max", "top1", "n_tokens"}},
+      "text": {"source": "embedded"|"files"|"hub", "text_sha256", "documents",
+               embedded: "split", "corpus_sha256"; files: "path", "column", "files": [{"path", "sha256"}];
+               hub: "dataset", "name", "split", "column", "fingerprint", ...},
+      "quality": null | {"ppl", "ppl_stderr", "nll_mean", "n_tokens",     # when perplexity is asked
+                         "kl": {"mean", "median", "p99", "max", "top1", "n_tokens"}},  # when KL is asked
       "latency": null | {"runs": [{"prompt_tokens", "decode_tokens", "ttft_s": {...},
                                    "decode_s": {...}, "prefill_tok_s", "decode_tok_s"}],
                          "repeats", "warmup", "memory": {...}, "tegrastats": {...}|null},
@@ -57,15 +61,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
 
-def result_filename(name: str, device_label: str, backend: str) -> str:
-    return f"{slug(name)}__{slug(backend)}__{slug(device_label)}.json"
+def path_tag(artifact_path: str | Path) -> str:
+    """8 hex digits of the sha256 of the artifact's recorded path (absolute, or relative to the
+    results folder): same-named artifacts in different folders get different results files, and
+    re-evaluating one path replaces its own results."""
+    return hashlib.sha256(str(artifact_path).encode()).hexdigest()[:8]
+
+
+def result_filename(name: str, device_label: str, backend: str, artifact_path: str | Path) -> str:
+    return f"{slug(name)}-{path_tag(artifact_path)}__{slug(backend)}__{slug(device_label)}.json"
 
 
 def write_result(result: dict, out_dir: str | Path) -> Path:
-    """Write atomically (temp file, then rename) as ``NAME__BACKEND__DEVICE.json``."""
+    """Write atomically (temp file, then rename) as ``NAME-PATHTAG__BACKEND__DEVICE.json``
+    (``path_tag`` of the artifact's recorded path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / result_filename(result["name"], result["device"]["label"], result["backend"])
+    path = out_dir / result_filename(result["name"], result["device"]["label"], result["backend"], result["artifact"]["path"])
     return write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 

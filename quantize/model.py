@@ -118,6 +118,81 @@ def is_dead_kv(name: str, consumers: set[int]) -> bool:
     return i in consumers and re.search(r"self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight$", name) is not None
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# What ``kv_groups`` and the shape checks read before anything else.
+_REQUIRED_TEXT_KEYS = ("num_hidden_layers", "layer_types", "hidden_size")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _check_index(folder: Path) -> None:
+    """Every shard the index names must be there (a partial download otherwise loads as a
+    model with missing tensors)."""
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{index}: not a safetensors index (JSON with a weight_map of tensor -> shard)") from None
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ModelError(f"{index}: shard {missing[0]}{more} named there is missing from {folder}")
+
+
+def _expected_shapes(tc: dict) -> list[tuple[re.Pattern, object]]:
+    """(tensor name pattern, layer -> (expected shape, what it is made of)) for the text tensors
+    whose shapes the config fixes."""
+    def get(key):
+        v = tc.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    hidden, heads, kv, hd = get("hidden_size"), get("num_attention_heads"), get("num_key_value_heads"), get("head_dim")
+    ff = tc.get("intermediate_size")
+    n, vocab, vocab_pl, pl = get("num_hidden_layers"), get("vocab_size"), get("vocab_size_per_layer_input"), get("hidden_size_per_layer_input")
+
+    def ff_of(i):
+        v = ff[i] if isinstance(ff, list) and i < len(ff) else ff
+        return v if isinstance(v, int) else None
+
+    lin = r"language_model\.layers\.(\d+)\."
+    rules = [
+        (lin + r"self_attn\.q_proj\.weight$", lambda i: ((heads * hd, hidden), "num_attention_heads*head_dim, hidden_size") if heads and hd and hidden else None),
+        (lin + r"self_attn\.(k|v)_proj\.weight$", lambda i: ((kv * hd, hidden), "num_key_value_heads*head_dim, hidden_size") if kv and hd and hidden else None),
+        (lin + r"self_attn\.o_proj\.weight$", lambda i: ((hidden, heads * hd), "hidden_size, num_attention_heads*head_dim") if heads and hd and hidden else None),
+        (lin + r"mlp\.(gate|up)_proj\.weight$", lambda i: ((ff_of(i), hidden), f"intermediate_size[{i}], hidden_size") if ff_of(i) and hidden else None),
+        (lin + r"mlp\.down_proj\.weight$", lambda i: ((hidden, ff_of(i)), f"hidden_size, intermediate_size[{i}]") if ff_of(i) and hidden else None),
+        (r"language_model\.embed_tokens\.weight$", lambda i: ((vocab, hidden), "vocab_size, hidden_size") if vocab and hidden else None),
+        (r"language_model\.embed_tokens_per_layer\.weight$",
+         lambda i: ((vocab_pl, n * pl), "vocab_size_per_layer_input, num_hidden_layers*hidden_size_per_layer_input") if vocab_pl and n and pl else None),
+    ]
+    return [(re.compile(p), f) for p, f in rules]
+
+
+def check_shapes(tc: dict, tensors: dict[str, TensorInfo], config_path: Path) -> None:
+    """Refuse a checkpoint whose text tensors disagree with its config (a config from another
+    model size, or a damaged file): quantizing it would fail deep inside, or write a GGUF
+    that llama.cpp reads with the config's shapes. Header metadata only."""
+    n = tc.get("num_hidden_layers")
+    rules = _expected_shapes(tc)
+    for name, info in sorted(tensors.items()):  # the first mismatch by name: the same on every run
+        i = layer_index(name)
+        if i is not None and isinstance(n, int) and i >= n:
+            raise ModelError(f"{info.file}: tensor {name!r} is in layer {i}, but {config_path} has "
+                             f"text_config.num_hidden_layers = {n}")
+        for pattern, expect in rules:
+            m = pattern.search(name)
+            if not m:
+                continue
+            got = expect(int(m.group(1)) if pattern.groups and m.group(1).isdigit() else 0)
+            if got is not None and tuple(info.shape) != got[0]:
+                raise ModelError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but {config_path} "
+                                 f"gives {list(got[0])} ({got[1]})")
+            break
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -135,7 +210,7 @@ class TensorInfo:
 
     @property
     def bytes_per_element(self) -> int:
-        return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1}.get(self.dtype, 4)
+        return _DTYPE_BYTES.get(self.dtype, 4)
 
     @property
     def nbytes(self) -> int:
@@ -152,11 +227,15 @@ class Checkpoint:
             raise ModelError(f"{self.folder}: no config.json; a Gemma 3n model folder needs config.json and *.safetensors")
         try:
             self.config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{cfg}: not valid JSON ({e})") from None
-        if "text_config" not in self.config:
+        if not isinstance(self.config, dict) or not isinstance(self.config.get("text_config"), dict):
             raise ModelError(f"{cfg}: no text_config; expected a Gemma3nForConditionalGeneration config")
+        for key in _REQUIRED_TEXT_KEYS:
+            if key not in self.config["text_config"]:
+                raise ModelError(f"{cfg}: text_config.{key} is missing; a Gemma 3n text config needs it")
         self.files = sorted(self.folder.glob("*.safetensors"))
+        _check_index(self.folder)
         if not self.files:
             raise ModelError(f"{self.folder}: no *.safetensors files")
 
@@ -166,14 +245,31 @@ class Checkpoint:
 
     @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
-        """Tensor metadata from the safetensors headers (no tensor data is read)."""
+        """Tensor metadata from the safetensors headers (no tensor data is read), checked
+        against the file sizes (truncated shards) and the config (shapes)."""
         out: dict[str, TensorInfo] = {}
         for f in self.files:
             header, data_start = _read_header(f, with_data_start=True)
+            end = data_start
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                out[name] = TensorInfo(name, tuple(meta["shape"]), meta["dtype"], f, data_start + int(meta["data_offsets"][0]))
+                try:
+                    info = TensorInfo(name, tuple(int(d) for d in meta["shape"]), str(meta["dtype"]), f,
+                                      data_start + int(meta["data_offsets"][0]))
+                    length = int(meta["data_offsets"][1]) - int(meta["data_offsets"][0])
+                except (KeyError, TypeError, ValueError, IndexError):
+                    raise ModelError(f"{f}: corrupt safetensors header entry for tensor {name!r}") from None
+                if info.dtype in _DTYPE_BYTES and length != info.nbytes:
+                    raise ModelError(f"{f}: tensor {name!r} ({info.dtype} {list(info.shape)}) needs {info.nbytes} bytes, "
+                                     f"the header gives it {length}; the file is corrupt")
+                end = max(end, info.offset + length)
+                out[name] = info
+            size = f.stat().st_size
+            if size < end:
+                raise ModelError(f"{f}: truncated: its header describes a file of {end} bytes, it has {size} "
+                                 "(an interrupted download or copy?)")
+        check_shapes(self.text_config, out, self.folder / "config.json")
         return dict(sorted(out.items()))
 
     def get(self, name: str):
@@ -241,10 +337,15 @@ def _read_header(path: Path, with_data_start: bool = False):
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise ModelError(f"{path}: safetensors header of {n} bytes is not plausible")
+        raw = fh.read(n)
+        if len(raw) != n:
+            raise ModelError(f"{path}: truncated safetensors file (its header alone should be {n} bytes)")
         try:
-            header = json.loads(fh.read(n))
-        except json.JSONDecodeError as e:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ModelError(f"{path}: corrupt safetensors header (not a JSON object)")
     return (header, 8 + n) if with_data_start else header
 
 

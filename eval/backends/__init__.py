@@ -11,15 +11,31 @@ Every backend offers:
 - ``reset_peak_memory()`` and ``peak_memory() -> dict``;
 - ``close()``.
 
-``open_backend(name, artifact, device, threads)`` picks one.
+``open_backend(name, artifact, device, threads)`` picks one. ``device`` is ``cpu``, ``cuda``
+(the current CUDA device) or ``cuda:N``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from eval.errors import EvalError
 
 BACKENDS = ("transformers", "llamacpp")
+DEVICE_HELP = "cpu, cuda or cuda:N"
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """("cpu", None), ("cuda", None) or ("cuda", N); anything else is an error naming what is valid."""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise EvalError(f"unknown --device {device!r}; valid: {DEVICE_HELP}")
+    return m.group(1), int(m.group(2)) if m.group(2) is not None else None
+
+
+def device_kind(device: str) -> str:
+    """``cpu`` or ``cuda``."""
+    return parse_device(device)[0]
 
 
 def artifact_kind(path: str | Path) -> str:

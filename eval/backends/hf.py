@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.backends import parse_device
 from eval.errors import EvalError
 from eval.memory import peak_rss_bytes, reset_peak_rss
 
@@ -22,13 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise EvalError("--device cuda: no CUDA device is available to torch")
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: no CUDA device is available to torch")
+    if index is None:
         return torch.device("cuda", torch.cuda.current_device())
-    if device != "cpu":
-        raise EvalError(f"unknown --device {device!r}; valid: cpu, cuda")
-    return torch.device("cpu")
+    if index >= torch.cuda.device_count():
+        raise EvalError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                        f"valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
 
 
 class TransformersBackend:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.backends import parse_device
 from eval.errors import EvalError
 from eval.memory import peak_rss_bytes, reset_peak_rss
 
@@ -33,12 +34,14 @@ class LlamaCppBackend:
             raise EvalError("--backend llamacpp needs the llama-cpp-python package (pip install llama-cpp-python)") from e
         self.lc = llama_cpp
         self.path = Path(path)
-        if device not in ("cpu", "cuda"):
-            raise EvalError(f"unknown --device {device!r}; valid: cpu, cuda")
-        if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
-            raise EvalError("--device cuda: this llama-cpp-python build has no GPU offload (rebuild with -DGGML_CUDA=on)")
-        self.device = device
-        self.n_gpu_layers = -1 if device == "cuda" else 0
+        kind, index = parse_device(device)
+        if kind == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+            raise EvalError(f"--device {device}: this llama-cpp-python build has no GPU offload (rebuild with -DGGML_CUDA=on)")
+        self.device = kind
+        self.n_gpu_layers = -1 if kind == "cuda" else 0
+        # cuda:N: every layer on GPU N alone (llama.cpp refuses an N it does not have);
+        # plain cuda: llama.cpp's default, layers split over the visible GPUs.
+        self._gpu = {} if index is None else {"split_mode": llama_cpp.LLAMA_SPLIT_MODE_NONE, "main_gpu": index}
         self.threads = threads or os.cpu_count() or 1
         self.n_ctx = n_ctx
         self._llm = None
@@ -63,6 +66,7 @@ class LlamaCppBackend:
                 logits_all=logits_all,
                 seed=0,
                 verbose=False,
+                **self._gpu,
             )
         except ValueError as e:  # llama-cpp-python raises ValueError when llama.cpp refuses the file
             raise EvalError(f"{self.path}: llama.cpp could not load this GGUF ({e}); run with verbose logs for its reason") from e
