@@ -1,0 +1,196 @@
+"""Streamed calibration (quantize.streamed_model via pipeline._calibrate) against the
+whole-model calibration: ``from_pretrained`` of the full model, the towers' statistics and the
+sequential engine on it, as the pipeline did before streaming. Same recipe, same calibration
+data (text, images, audio and multimodal batches): the same codes, scales, KV scales, AWQ
+changes and tower statistics, bit for bit, while the streamed path holds at most one decoder
+layer's weights (counted from the model's own parameters at every layer's forward).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantize.pipeline import _calibrate, load_processor
+from quantize.recipe import load_recipe
+
+CALIBRATION = {
+    "text": {"source": "embedded", "n_samples": 2, "seq_len": 64},
+    "images": {"source": "embedded", "n_samples": 1},
+    "audio": {"source": "embedded", "n_samples": 1},
+    "multimodal_samples": 2,
+}
+TOWERS = {
+    "text": {"preset": "int4_gptq", "act_order": True},
+    "token_embeddings": "int8", "per_layer_embeddings": "int8", "per_layer_projections": "keep",
+    "altup_laurel": "keep", "embedders": "keep",
+    "vision": {"preset": "int8_channel", "importance": True},
+    "audio": {"preset": "int8_channel", "importance": True},
+}
+
+
+def _recipe(model, tmp_path, text_tower, kv_fp8: bool):
+    from calibrate.config import CalibrationConfig
+    from quantize.recipe import Recipe
+
+    r = load_recipe("recipes/demo.yaml", model=str(model), output=str(tmp_path / "out"))
+    data = r.model_dump(mode="json", exclude_none=True)
+    data["calibration"] = CalibrationConfig.model_validate(CALIBRATION).model_dump(mode="json", exclude_none=True)
+    data["towers"] = {**TOWERS, "text": text_tower}
+    data["kv_cache"] = {**data.get("kv_cache", {}), "fp8": kv_fp8}
+    return Recipe.model_validate(data)
+
+
+def _whole_model_calibration(recipe, ckpt, plan, multimodal: bool = True):
+    """The reference: the whole model loaded by transformers, as pipeline._calibrate did."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    from calibrate import build_calibration
+    from quantize.pipeline import _text_calibrated, _tower_calibrated
+    from quantize.sequential import quantize_text_decoder
+    from quantize.tower_stats import tower_importance
+
+    torch.manual_seed(recipe.seed)
+    calib = build_calibration(recipe.calibration, load_processor(ckpt.folder), seed=recipe.seed)
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(ckpt.folder), dtype="auto").eval()
+    towers = {e.tower for e in plan.entries if _tower_calibrated(e)}
+    importance = tower_importance(model, calib.images if "vision" in towers else None,
+                                  calib.audio if "audio" in towers else None) if towers else {}
+    schemes = {e.name: e.scheme for e in plan.entries if e.quantized and e.tower == "text"}
+    assert any(_text_calibrated(e) for e in plan.entries)
+    batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
+    if multimodal:
+        assert any("pixel_values" in b for b in batches) and any("input_features" in b for b in batches)
+    result = quantize_text_decoder(model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8,
+                                   progress=False, compute_dtype=torch.float32)
+    return calib.manifest, result, importance
+
+
+def _layer_bytes(ckpt, i):
+    prefix = f"model.language_model.layers.{i}."
+    return sum(t.nbytes for n, t in ckpt.tensors.items() if n.startswith(prefix))
+
+
+@pytest.mark.parametrize("text_tower,kv_fp8", [
+    ({"preset": "int4_gptq", "act_order": True}, True),
+    ({"preset": "int4_awq"}, False),
+], ids=["gptq-act-order-kv", "awq"])
+def test_streamed_equals_whole_model(tiny_trained, tmp_path, monkeypatch, text_tower, kv_fp8):
+    from quantize import sequential
+    from quantize.pipeline import prepare
+
+    recipe = _recipe(tiny_trained, tmp_path, text_tower, kv_fp8)
+    ckpt, plan = prepare(recipe)
+    want_manifest, want, want_importance = _whole_model_calibration(recipe, ckpt, plan)
+
+    # Resident weights, counted from the model's own parameters and buffers whenever a decoder
+    # layer runs in the streamed path (the engine's _run_layer is the one place layers run).
+    seen = {"peak": 0, "towers_resident": False, "calls": 0}
+    real_run_layer = sequential._run_layer
+
+    def counting_run_layer(layer, i, *args):
+        model = counting_run_layer.model
+        resident = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()) if not t.is_meta)
+        seen["peak"] = max(seen["peak"], resident)
+        seen["calls"] += 1
+        seen["towers_resident"] |= any(not p.is_meta for p in model.model.vision_tower.parameters())
+        seen["towers_resident"] |= any(not p.is_meta for p in model.model.audio_tower.parameters())
+        return real_run_layer(layer, i, *args)
+
+    from quantize import streamed_model
+    real_init = streamed_model.StreamedModel.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        counting_run_layer.model = self.model
+
+    monkeypatch.setattr(streamed_model.StreamedModel, "__init__", init)
+    monkeypatch.setattr(sequential, "_run_layer", counting_run_layer)
+    got_manifest, got, got_importance = _calibrate(recipe, ckpt, plan, progress=False)
+
+    assert got_manifest == want_manifest
+    assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
+    for name, qt in want.tensors.items():
+        g = got.tensors[name]
+        assert torch.equal(g.codes, qt.codes), name
+        assert torch.equal(g.scales, qt.scales), name
+        assert (g.zero_points is None and qt.zero_points is None) or torch.equal(g.zero_points, qt.zero_points), name
+    assert sorted(got.importance) == sorted(want.importance)
+    assert all(torch.equal(got.importance[k], want.importance[k]) for k in want.importance)
+    assert sorted(got.updated) == sorted(want.updated)
+    assert all(torch.equal(got.updated[k], want.updated[k]) for k in want.updated)
+    assert sorted(got.rescaled) == sorted(want.rescaled)
+    for k, r in want.rescaled.items():
+        for a, b in ((got.rescaled[k].cols, r.cols), (got.rescaled[k].rows, r.rows)):
+            assert (a is None and b is None) or torch.equal(a, b), k
+    assert got.kv_scales == want.kv_scales and got.layer_kv_scales == want.layer_kv_scales
+    assert bool(want.kv_scales) == kv_fp8
+    assert {i: r["rel_error"] for i, r in got.report.items()} == {i: r["rel_error"] for i, r in want.report.items()}
+    assert sorted(got_importance) == sorted(want_importance) and want_importance
+    assert all(torch.equal(got_importance[k], want_importance[k]) for k in want_importance)
+
+    # Memory: at every layer's run, no tower and at most one decoder layer are resident, beside
+    # the small always-resident part (the token tables' calibration rows, the AltUp and
+    # per-layer projections, the embedders, the config-computed buffers).
+    n_layers = len(ckpt.text_config["layer_types"])
+    assert seen["calls"] > 0 and not seen["towers_resident"]
+    biggest_layer = max(_layer_bytes(ckpt, i) for i in range(n_layers))
+    whole = sum(t.nbytes for t in ckpt.tensors.values())
+    small = sum(t.nbytes for n, t in ckpt.tensors.items()
+                if any(n.startswith(p) for p in ("model.language_model.altup_projections", "model.language_model.per_layer_model_projection",
+                                                  "model.language_model.per_layer_projection_norm", "model.embed_vision", "model.embed_audio")))
+    assert seen["peak"] <= 2 * biggest_layer + small + 2 * 2**20, (seen["peak"], biggest_layer, small, whole)
+    assert seen["peak"] < whole / 4
+
+
+def test_missing_processor_files_is_one_line(tiny_trained, tmp_path):
+    """A model folder without tokenizer/processor files (like bench/synthetic_e4b.py's): one
+    line naming the missing files, exit 2 from the CLI, nothing written."""
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_trained / f, folder / f)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((open("recipes/demo.yaml").read()))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "quantize", "run", str(recipe), "--model", str(folder), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr
+    assert "tokenizer.json or tokenizer.model" in err[-1] and "processor_config.json" in err[-1] and str(folder) in err[-1]
+    assert not out.exists()
+
+
+def test_text_only_checkpoint_streams_without_towers_or_embedders(tiny_trained, tmp_path):
+    """A checkpoint with only the text model (like bench/synthetic_e4b.py's): the embedders the
+    forward runs on every batch are absent; their output is discarded for text tokens, so the
+    streamed codes still equal the whole model's (which transformers fills at random)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from quantize.pipeline import prepare
+
+    folder = tmp_path / "text-only"
+    folder.mkdir()
+    for f in tiny_trained.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, folder / f.name)
+    tensors = load_file(str(tiny_trained / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k.startswith("model.language_model.")}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    recipe = _recipe(folder, tmp_path, {"preset": "int4_gptq"}, False)
+    from calibrate.config import CalibrationConfig
+
+    recipe = recipe.model_copy(update={"calibration": CalibrationConfig.model_validate({"text": CALIBRATION["text"]})})
+    ckpt, plan = prepare(recipe)
+    assert not any(n.startswith(("model.embed_vision", "model.vision_tower")) for n in ckpt.tensors)
+    _, want, _ = _whole_model_calibration(recipe, ckpt, plan, multimodal=False)
+    _, got, _ = _calibrate(recipe, ckpt, plan, progress=False)
+    assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
+    for name, qt in want.tensors.items():
+        assert torch.equal(got.tensors[name].codes, qt.codes) and torch.equal(got.tensors[name].scales, qt.scales), name
