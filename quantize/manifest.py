@@ -1,7 +1,12 @@
-"""manifest.json: what was run on what, and sha256 sums of everything written.
+"""manifest.json: what was run on what, and sha256 sums of everything written; and the
+provenance that the artifacts themselves carry (GGUF keys, safetensors metadata).
 
-No timestamps and no absolute temporary paths: the same recipe, model and seed give a
-byte-identical manifest.
+No timestamps and no paths of this machine: the same recipe, model and seed give a
+byte-identical manifest and artifacts whichever folder they are written to or read from. What
+determines the artifact is recorded (recipe content, the model's sha256, versions), not where:
+the recipe's ``output`` is left out, and a local path (a model folder, calibration files, a
+dataset folder) is reduced to its last component (``/home/me/models/gemma-3n`` ->
+``gemma-3n``); hub ids and ``builtin:`` names stay as they are.
 """
 from __future__ import annotations
 
@@ -36,6 +41,61 @@ def model_hash(ckpt) -> str:
     return h.hexdigest()
 
 
+def public_path(value: str | None) -> str | None:
+    """A path as artifacts record it: its last component when it names something on this
+    machine (or is absolute, or a glob), else unchanged (a hub id, a builtin name)."""
+    if value is None or value.startswith("builtin:"):
+        return value
+    import glob
+
+    if os.path.isabs(value) or os.path.exists(value) or glob.glob(value):
+        return Path(value).name
+    return value
+
+
+def _public_paths(data):
+    """``data`` with every ``"path"`` value reduced by ``public_path`` (calibration files are
+    identified by their sha256 and sample ids, not by where they lay on this machine)."""
+    if isinstance(data, dict):
+        return {k: (public_path(v) if k == "path" and isinstance(v, str) else _public_paths(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_public_paths(v) for v in data]
+    return data
+
+
+def recipe_record(recipe) -> dict:
+    """The recipe as artifacts and the manifest record it: without ``output``, local paths
+    reduced by ``public_path``."""
+    data = recipe.model_dump(mode="json")
+    data.pop("output", None)
+    # What the run measures afterwards does not determine the artifacts (--no-eval gives the same
+    # bytes); the manifest records it under "eval".
+    data.pop("eval", None)
+    data["model"] = public_path(data.get("model"))
+    for src in (data.get("calibration") or {}).values():
+        if not isinstance(src, dict):
+            continue
+        if src.get("source") == "files" and src.get("path"):
+            src["path"] = Path(src["path"]).name
+        if src.get("dataset"):
+            src["dataset"] = public_path(src["dataset"])
+        files = src.get("data_files")
+        if files:
+            src["data_files"] = [public_path(f) for f in files] if isinstance(files, list) else public_path(files)
+    return data
+
+
+def artifact_provenance(recipe, model_digest: str) -> dict:
+    """What GGUF keys and safetensors metadata record about where an artifact came from."""
+    return {
+        "recipe": recipe.name,
+        "source_model": public_path(recipe.model),
+        "model_sha256": model_digest,
+        "tool": "gemma3n-quantize",
+        "tool_version": versions()["gemma3n-quantize"],
+    }
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _VERSIONED:
@@ -52,7 +112,8 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def build_manifest(*, recipe, ckpt, plan, model_digest, out_dir: Path, artifacts, calibration, quantization_report, kv_scales, notes) -> dict:
+def build_manifest(*, recipe, ckpt, plan, model_digest, out_dir: Path, artifacts, calibration, quantization_report, kv_scales, notes,
+                   gguf_codes: dict | None = None, evaluation: dict | None = None) -> dict:
     totals = {
         tower: {k: (sorted(v) if isinstance(v, set) else v) for k, v in t.items()}
         for tower, t in plan.tower_totals().items()
@@ -63,21 +124,28 @@ def build_manifest(*, recipe, ckpt, plan, model_digest, out_dir: Path, artifacts
         files.append({"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
     return {
         "manifest_version": MANIFEST_VERSION,
-        "recipe": recipe.model_dump(mode="json"),
-        "model": {"ref": recipe.model, "sha256": model_digest, "architecture": ckpt.config.get("architectures")},
+        "recipe": recipe_record(recipe),
+        "model": {"ref": public_path(recipe.model), "sha256": model_digest, "architecture": ckpt.config.get("architectures")},
         "versions": versions(),
         "plan": {
             "towers": totals,
             "kv_groups": [g.describe() for g in plan.kv_groups],
             "dead_kv_not_quantized": [e.name for e in plan.entries if e.dead],
         },
-        "calibration": calibration,
+        "calibration": _public_paths(calibration),
         # Wall times vary run to run; the manifest keeps only what the inputs determine.
         "quantization": {
             str(layer): {k: v for k, v in entry.items() if k != "seconds"} if isinstance(entry, dict) else entry
             for layer, entry in quantization_report.items()
         },
-        "kv_cache_scales": {str(k): list(v) for k, v in kv_scales.items()},
+        # Per decoder layer [k_scale, v_scale], as written beside its self_attn (a KV consumer's
+        # are its producer's: one cache); empty without kv_cache.fp8.
+        "kv_cache_scales": {str(k): list(v) for k, v in sorted(kv_scales.items())},
         "artifacts": files,
         "notes": notes,
+        # per GGUF text tensor: {"method", "grid", "source"} of its values (formats.gguf.writer.code_sources)
+        "gguf": {"tensors": gguf_codes} if gguf_codes is not None else None,
+        # quantize.evaluation.run_eval: the eval spec, results and report under eval/ (no sums:
+        # results hold timings and dates), or the error that stopped the evaluation
+        "eval": evaluation,
     }

@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantize.atomic import atomic_folder
-from quantize.errors import RecipeError
-from quantize.manifest import build_manifest, model_hash, write_json_atomic
+from quantize.atomic import atomic_folder, check_output
+from quantize.errors import ModelError, RecipeError
+from quantize.evaluation import check_eval, check_eval_text, run_eval
+from quantize.manifest import artifact_provenance, build_manifest, model_hash, write_json_atomic
 from quantize.model import Checkpoint, resolve_model
 from quantize.plan import Plan, build_plan
 from quantize.recipe import Recipe
@@ -31,16 +32,30 @@ class RunResult:
     out_dir: Path | None = None
     artifacts: list[Path] = field(default_factory=list)
     manifest: dict | None = None
+    eval: dict | None = None  # the manifest's eval record; {"error": ...} when the evaluation failed
 
 
-def prepare(recipe: Recipe, allow_pickle: bool = False) -> tuple[Checkpoint, Plan]:
-    """Resolve the model and build the plan (no weights are read)."""
-    _check_output(recipe)
+def prepare(recipe: Recipe, allow_pickle: bool = False, *, out: Path | None = None,
+            overwrite: bool = False) -> tuple[Checkpoint, Plan]:
+    """Resolve the model and build the plan (no weights are read). ``out``: the folder the run
+    will write, checked first so that a refusal comes in the first second (``None``: a dry
+    run, which writes nothing)."""
+    if out is not None:
+        _check_output(Path(out), overwrite)
     _check_calibration_paths(recipe)
+    check_eval(recipe)
     folder = resolve_model(recipe.model, allow_pickle=allow_pickle)
+    if out is not None:
+        _check_not_inside(Path(out), folder, "the model folder")
     ckpt = Checkpoint(folder)
     plan = build_plan(recipe, ckpt)
     _validate_exports(recipe, ckpt, plan)
+    if out is not None:
+        check_eval_text(recipe, ckpt.folder)
+        if needs_calibration(plan) or recipe.kv_cache.fp8 or recipe.eval is not None:
+            from quantize.device import calibration_device
+
+            calibration_device(recipe.device)  # a GPU torch does not see: refused now, not after the export
     return ckpt, plan
 
 
@@ -58,7 +73,9 @@ def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, before any weight is read, what an export format cannot represent (the writers'
     own planning steps: llama.cpp's hard-coded Gemma 3n layout, mtmd's limits, layouts)."""
     from quantize.formats.base import ExportContext
+    from quantize.kv_cache import validate_kv_cache
 
+    validate_kv_cache(recipe)
     st = recipe.exports.safetensors
     if st is not None and st.enabled:
         from quantize.formats.safetensors.writer import validate_safetensors
@@ -111,13 +128,19 @@ def needs_calibration(plan: Plan) -> bool:
     return any(_text_calibrated(e) or _tower_calibrated(e) for e in plan.entries)
 
 
-def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, progress: bool = True) -> RunResult:
-    ckpt, plan = prepare(recipe, allow_pickle=allow_pickle)
+def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, progress: bool = True,
+        into: Path | None = None, overwrite: bool = False) -> RunResult:
+    """``into``: build the output folder there instead of at ``recipe.output``, which the manifest
+    and the GGUF metadata still record, so the files equal a plain run's byte for byte (a sweep
+    worker builds a variant on its own disk and ships the files to the driver).
+    ``overwrite``: an existing output folder that this tool did not write (wholly) is moved
+    aside to ``NAME.backup-N`` instead of refusing the run (see ``quantize.atomic``)."""
+    out = Path(into) if into is not None else Path(recipe.output)
+    ckpt, plan = prepare(recipe, allow_pickle=allow_pickle, out=None if dry_run else out, overwrite=overwrite)
     if dry_run:
         return RunResult(plan=plan, model_folder=ckpt.folder)
 
-    out = Path(recipe.output)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=overwrite) as tmp:
         result = _run_into(recipe, ckpt, plan, tmp, progress)
     result.out_dir = out
     result.artifacts = [out / p.relative_to(tmp) for p in result.artifacts]
@@ -137,18 +160,16 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
         plan,
         precomputed=seq.tensors if seq else {},
         updated=seq.updated if seq else {},
+        rescaled=seq.rescaled if seq else {},
         importance={**(seq.importance if seq else {}), **importance},
-        kv_scales=seq.kv_scales if seq else {},
+        # Every layer's cache scales (a KV consumer's are its producer's): writers need each layer's.
+        kv_scales=seq.layer_kv_scales if seq else {},
     )
     digest = model_hash(ckpt)
-    provenance = {
-        "recipe": recipe.name,
-        "source_model": recipe.model,
-        "model_sha256": digest,
-        "tool": "gemma3n-quantize",
-    }
+    provenance = artifact_provenance(recipe, digest)
     ctx = ExportContext(recipe=recipe, source=source, out_dir=out, provenance=provenance)
     artifacts: list[Path] = []
+    gguf_codes: dict | None = None
     notes: list[str] = list(plan.notes)
     if importance:
         notes.append(f"importance-weighted RTN: {len(importance)} vision/audio weights scaled by calibration activations")
@@ -170,9 +191,18 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
             notes.append(why_not)
         log.info("writing GGUF (%s%s)", gguf.mix, ", with vision mmproj" if with_mmproj else "")
         artifacts += write_gguf(ctx, gguf.model_copy(update={"mmproj": with_mmproj}))
-        from quantize.formats.gguf import AUDIO_NOTE
+        from quantize.formats.gguf import AUDIO_NOTE, text_code_sources
 
         notes.append(AUDIO_NOTE)
+        if recipe.kv_cache.fp8:
+            from quantize.kv_cache import GGUF_KV_NOTE
+
+            log.warning("%s", GGUF_KV_NOTE)
+            notes.append(GGUF_KV_NOTE)
+        gguf_codes = text_code_sources(ctx, gguf)
+    evaluation = None
+    if recipe.eval is not None:  # before the manifest, which points to the results
+        evaluation = run_eval(recipe, ckpt.folder, out, artifacts)
     manifest = build_manifest(
         recipe=recipe,
         ckpt=ckpt,
@@ -184,57 +214,99 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
         quantization_report=seq.report if seq else {},
         kv_scales=source.kv_scales,
         notes=notes,
+        gguf_codes=gguf_codes,
+        evaluation=evaluation,
     )
     write_json_atomic(out / "manifest.json", manifest)
-    return RunResult(plan=plan, artifacts=artifacts, manifest=manifest)
+    return RunResult(plan=plan, artifacts=artifacts, manifest=manifest, eval=evaluation)
 
 
 def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
     """Build the calibration set once; gather the towers' activation statistics (importance
     RTN), then calibrate and quantize the text decoder layer by layer (GPTQ / AWQ / importance).
 
+    The model is streamed (``quantize.streamed_model``): each tower and each decoder layer is
+    read from the checkpoint only while it runs, with the token tables' calibration rows, so
+    memory is one layer's weights plus activations, not the whole model (16 GB for E4B).
     Returns the calibration manifest, the sequential result (or None) and the towers' statistics.
     """
     import torch
-    from transformers import AutoProcessor, Gemma3nForConditionalGeneration
 
     from calibrate import build_calibration
+    from quantize.compat import check_transformers
     from quantize.sequential import quantize_text_decoder
+    from quantize.streamed_model import StreamedModel
     from quantize.tower_stats import tower_importance
 
+    check_transformers()  # before minutes of loading: the engine relies on transformers internals
     torch.manual_seed(recipe.seed)
-    processor = AutoProcessor.from_pretrained(str(ckpt.folder))
+    processor = load_processor(ckpt.folder)
     calib = build_calibration(recipe.calibration, processor, seed=recipe.seed)
-    # The checkpoint's own dtype (bf16 for Google's E4B: 16 GB, not 32): the sequential engine
-    # upcasts one layer at a time to fp32 for its statistics.
-    model = Gemma3nForConditionalGeneration.from_pretrained(str(ckpt.folder), dtype="auto").eval()
+    batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
+    # The checkpoint's own dtype (bf16 for Google's E4B): the sequential engine upcasts one
+    # layer at a time to fp32 for its statistics.
+    streamed = StreamedModel(ckpt, [b["input_ids"] for b in batches])
+    model = streamed.model
 
     importance: dict = {}
     towers = {e.tower for e in plan.entries if _tower_calibrated(e)}
-    if towers:
-        log.info("collecting activation statistics of the %s tower(s)", " and ".join(sorted(towers)))
-        importance = tower_importance(
-            model,
-            calib.images if "vision" in towers else None,
-            calib.audio if "audio" in towers else None,
-        )
+    for tower in sorted(towers):
+        log.info("collecting activation statistics of the %s tower", tower)
+        streamed.load_tower(tower)
+        try:
+            importance.update(tower_importance(
+                model,
+                calib.images if tower == "vision" else None,
+                calib.audio if tower == "audio" else None,
+            ))
+        finally:
+            streamed.release_tower(tower)
 
     result = None
     if any(_text_calibrated(e) for e in plan.entries) or recipe.kv_cache.fp8:
         # Every quantized decoder linear goes through the engine, plain RTN too: later layers,
         # and KV consumers reading their producer's cache, must calibrate on the quantized model.
         schemes = {e.name: e.scheme for e in plan.entries if e.quantized and e.tower == "text"}
-        batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
         result = quantize_text_decoder(
             model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress,
-            compute_dtype=torch.float32,
+            compute_dtype=torch.float32, streamed=streamed,
         )
-    del model
+    del model, streamed
     return calib.manifest, result, importance
 
 
-def _check_output(recipe: Recipe) -> None:
-    """A run replaces an output folder; it never writes over a file."""
-    out = Path(recipe.output)
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"output: {out} exists and is not a folder")
+# What AutoProcessor reads: a tokenizer (either file) and the processor's own config (either file).
+PROCESSOR_FILES = (("tokenizer.json", "tokenizer.model"), ("processor_config.json", "preprocessor_config.json"))
+
+
+def load_processor(folder: Path):
+    """The model folder's processor, or one line naming the files that are missing."""
+    from transformers import AutoProcessor
+
+    folder = Path(folder)
+    missing = [" or ".join(group) for group in PROCESSOR_FILES if not any((folder / f).is_file() for f in group)]
+    if missing:
+        raise ModelError(f"{folder}: calibration needs the model's tokenizer and processor files; missing "
+                         f"{'; '.join(missing)} (copy them from the model's original folder, e.g. google/gemma-3n-E4B-it)")
+    try:
+        return AutoProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{folder}: the tokenizer/processor files cannot be loaded ({first}); "
+                         "calibration needs a Gemma 3n processor (tokenizer.json or tokenizer.model, processor_config.json)") from None
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Before anything is loaded: the output may replace only an earlier output of this tool
+    (or, with ``overwrite``, move a foreign folder aside), and must not be, or hold, the
+    folders the user works from."""
+    check_output(out, overwrite)
+    for folder, what in ((Path.home(), "your home folder"), (Path.cwd(), "the current folder")):
+        _check_not_inside(out, folder, what)
+
+
+def _check_not_inside(out: Path, folder: Path, what: str) -> None:
+    """Replacing ``out`` renames it as a whole: refuse when that would move ``folder`` away."""
+    out_r, folder_r = out.resolve(), folder.resolve()
+    if out_r == folder_r or out_r in folder_r.parents:
+        raise RecipeError(f"output: {out} is or contains {what} ({folder}); choose an output folder of its own")

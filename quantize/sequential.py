@@ -41,6 +41,7 @@ from quantize.methods.rtn import quantize_rtn
 from quantize.methods.stats import ActStats, HessianAccumulator
 from quantize.qtensor import QuantizedTensor
 from quantize.schemes import QuantScheme
+from quantize.source import Rescale
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,12 @@ class SequentialResult:
     """What the engine produced.
 
     - ``tensors``: a ``QuantizedTensor`` per quantized checkpoint name;
-    - ``updated``: float tensors the engine changed without quantizing them (AWQ divides
+    - ``updated``: float tensors the engine replaced (AWQ divides
       ``pre_feedforward_layernorm.weight`` by its scales); writers must take these instead of
-      the checkpoint's values. (up_proj/down_proj/gate_proj changes are inside ``tensors``.)
+      the checkpoint's values;
+    - ``rescaled``: every linear whose float weight AWQ rescaled (gate/up/down, quantized or
+      kept), as scale vectors (``quantize.source.Rescale``): kept ones are written, and GGUF
+      types that re-encode floats encode, these weights, never the checkpoint's;
     - ``report``: per layer (int): seconds, methods, fallbacks, notes and the relative error of
       the quantized layer's output against the float layer on the same inputs;
     - ``kv_scales``: with ``kv_fp8``, ``{producer layer: (k_scale, v_scale)}`` per KV-sharing
@@ -77,6 +81,7 @@ class SequentialResult:
 
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
     updated: dict[str, torch.Tensor] = field(default_factory=dict)
+    rescaled: dict[str, Rescale] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     kv_scales: dict[int, tuple[float, float]] = field(default_factory=dict)
     # Mean squared input per column of each linear whose statistics were collected (on the
@@ -154,13 +159,17 @@ def _to(x, device, dtype: torch.dtype | None = None):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model, batches: Sequence[dict], device, dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], list[_BatchContext]]:
+def capture_layer_inputs(model, batches: Sequence[dict], device, dtype: torch.dtype = torch.float32,
+                         streamed=None, progress: bool = False) -> tuple[list[torch.Tensor], list[_BatchContext]]:
     """Layer 0's hidden states and every layer's side inputs, per batch, from the model's own forward.
 
     Each decoder layer's ``forward`` is replaced for the duration by a recorder that keeps the
     arguments ``Gemma3nTextModel.forward`` passes and returns its input unchanged; the last
     layer's recorder stops the forward, so the norm and the LM head never run.
+    ``streamed`` (a ``quantize.streamed_model.StreamedModel``): each tower is materialised from
+    the first batch that runs it to the last, then released.
     """
+    from tqdm.auto import tqdm
     from transformers.cache_utils import KVSharingDict
 
     lm = model.model.language_model
@@ -182,7 +191,11 @@ def capture_layer_inputs(model, batches: Sequence[dict], device, dtype: torch.dt
     hidden, contexts = [], []
     src = _model_device(model)
     try:
-        for b, batch in enumerate(batches):
+        towers = _towers_per_batch(batches) if streamed is not None else []
+        bar = tqdm(batches, desc="capturing layer-0 inputs", unit="batch", disable=not progress)
+        for b, batch in enumerate(bar):
+            if streamed is not None:
+                _stage_towers(streamed, towers, b)
             if "input_ids" not in batch and "inputs_embeds" not in batch:
                 raise SequentialError(f"calibration batch {b} has neither input_ids nor inputs_embeds (keys: {sorted(batch)})")
             inputs = {k: _to(v, src) for k, v in batch.items() if k != "labels"}
@@ -215,10 +228,29 @@ def capture_layer_inputs(model, batches: Sequence[dict], device, dtype: torch.dt
             ))
             seen.clear()
     finally:
+        if streamed is not None:
+            _stage_towers(streamed, [], 0)
         for layer in layers:
             if "forward" in layer.__dict__:
                 del layer.forward
     return hidden, contexts
+
+
+_TOWER_INPUTS = {"vision": "pixel_values", "audio": "input_features"}
+
+
+def _towers_per_batch(batches: Sequence[dict]) -> list[set[str]]:
+    return [{t for t, key in _TOWER_INPUTS.items() if batch.get(key) is not None} for batch in batches]
+
+
+def _stage_towers(streamed, towers: list[set[str]], b: int) -> None:
+    """Batch ``b``'s towers materialised; towers no later batch runs released."""
+    later = set().union(*towers[b:]) if b < len(towers) else set()
+    for t in _TOWER_INPUTS:
+        if t in (towers[b] if b < len(towers) else set()):
+            streamed.load_tower(t)
+        elif t not in later:
+            streamed.release_tower(t)
 
 
 def _run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContext) -> torch.Tensor:
@@ -281,6 +313,7 @@ def quantize_text_decoder(
     kv_fp8: bool = False,
     progress: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    streamed=None,
 ) -> SequentialResult:
     """Calibrate and quantize the text decoder's linears layer by layer (see the module doc).
 
@@ -291,15 +324,31 @@ def quantize_text_decoder(
     it (a bf16 model is upcast one layer at a time, so statistics and the propagated
     fake-quantized function stay fp32; the layer goes back to its own dtype afterwards, where
     ``codes * scale`` may round: the returned ``QuantizedTensor``s are exact regardless).
+    ``streamed``: the ``quantize.streamed_model.StreamedModel`` that ``model`` belongs to; each
+    decoder layer is then read from the checkpoint just before it is calibrated and released
+    after its quantized outputs are computed (one layer's weights resident, not the model's).
     """
-    from tqdm.auto import tqdm
+    from quantize.compat import check_transformers
 
     if not batches:
         raise SequentialError("no calibration batches: the sequential engine needs at least one")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SequentialError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+    check_transformers()
+    from quantize.device import calibration_device, exact_cuda_math
+    from quantize.errors import RecipeError
+
+    try:
+        device = calibration_device(device)  # cuda:N checked against the GPUs torch sees
+    except RecipeError as e:
+        raise SequentialError(str(e)) from None
     by_layer = validate_schemes(model, schemes)
+    with exact_cuda_math(device):
+        return _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed)
+
+
+def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed) -> SequentialResult:
+    """``quantize_text_decoder``'s work on validated arguments."""
+    from tqdm.auto import tqdm
+
     model.eval()
     lm = model.model.language_model
     cfg = lm.config
@@ -307,7 +356,7 @@ def quantize_text_decoder(
     modes = cfg.kv_sharing_modes if hasattr(cfg, "kv_sharing_modes") else ["own"] * len(lm.layers)
     result = SequentialResult()
 
-    hidden, contexts = capture_layer_inputs(model, batches, device, compute_dtype)
+    hidden, contexts = capture_layer_inputs(model, batches, device, compute_dtype, streamed=streamed, progress=progress)
     kv_ranges: dict[int, KVRange] = {}
     producer_of_type: dict[str, int] = {}
 
@@ -315,8 +364,10 @@ def quantize_text_decoder(
     for i in bar:
         t0 = time.perf_counter()
         layer = lm.layers[i]
-        home = layer.self_attn.q_proj.weight
-        home_device, home_dtype = home.device, home.dtype
+        if streamed is not None:
+            streamed.load_layer(i)
+        # device and dtype only: a reference to the Parameter would keep its GPU copy alive
+        home_device, home_dtype = layer.self_attn.q_proj.weight.device, layer.self_attn.q_proj.weight.dtype
         layer.to(device=device, dtype=compute_dtype)
         lt = types[i]
         wanted = by_layer.get(i, {})
@@ -385,8 +436,14 @@ def quantize_text_decoder(
         else:
             rep["rel_error"] = 0.0
         hidden = new_hidden
+        # This layer's statistics (a down_proj Hessian is 1 GiB on E4B) go before the next
+        # layer's: device memory holds one layer's state, not two.
         del reference
-        layer.to(device=home_device, dtype=home_dtype)
+        first_stats = st = None
+        if streamed is not None:
+            streamed.release_layer(i)
+        else:
+            layer.to(device=home_device, dtype=home_dtype)
         rep["seconds"] = round(time.perf_counter() - t0, 3)
         result.report[i] = rep
         for p, why in rep["fallbacks"].items():
@@ -436,13 +493,22 @@ def _kv_hooks(layer, contexts, layer_type, kv: KVRange):
     ]
 
 
+# The linears AWQ can rescale in Gemma 3n (see quantize.methods.awq): their scales are absorbed
+# by pre_feedforward_layernorm (gate/up) and by up_proj's rows (down).
+AWQ_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
 def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: dict) -> None:
-    """Search and absorb AWQ scales where Gemma 3n allows it (see quantize.methods.awq)."""
+    """Search and absorb AWQ scales where Gemma 3n allows it (see quantize.methods.awq).
+
+    Every float weight changed here is recorded (the norm in ``updated``, the linears' scales in
+    ``rescaled``) whatever the linear's own scheme: a kept gate next to an AWQ up, or a kept up
+    feeding an AWQ down, computes with its rescaled weight, so every writer must write that."""
     awq_paths = [p for p, s in wanted.items() if s.method == "awq"]
     if not awq_paths:
         return
     for p in awq_paths:
-        if not p.startswith("mlp."):
+        if p not in AWQ_LINEARS:
             rep["notes"].append(f"{p}: AWQ needs an op that can absorb 1/s; none exists for attention inputs in Gemma 3n, rounded to nearest")
     mlp = layer.mlp
     want_in = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in awq_paths]
@@ -450,21 +516,29 @@ def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: di
     if not want_in and not want_out:
         return
     stats = _collect(layer, run_all, ["mlp.gate_proj", "mlp.down_proj"], hessian=False)
+    cols: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
     if want_in:
         acts = stats["mlp.gate_proj"][0]
         scheme = wanted[want_in[0]]
-        s = awq_search([mlp.gate_proj.weight.data, mlp.up_proj.weight.data], acts.mean_abs, scheme, acts.mean_sq).to(mlp.gate_proj.weight.device)
+        # the search weighs the rounding error of the linears that will be rounded (a kept one has none)
+        rounded = [layer.get_submodule(p).weight.data for p in ("mlp.gate_proj", "mlp.up_proj") if p in wanted]
+        s = awq_search(rounded, acts.mean_abs, scheme, acts.mean_sq).to(mlp.gate_proj.weight.device)
         norm = layer.pre_feedforward_layernorm
         new_norm, (g, u) = absorb_into_norm(norm.weight.data, [mlp.gate_proj.weight.data, mlp.up_proj.weight.data], s)
         norm.weight.data.copy_(new_norm)
         mlp.gate_proj.weight.data.copy_(g)
         mlp.up_proj.weight.data.copy_(u)
         result.updated[f"{PREFIX}.{i}.pre_feedforward_layernorm.weight"] = new_norm.detach().cpu().clone()
+        cols["mlp.gate_proj"] = cols["mlp.up_proj"] = s.detach().cpu().clone()
     if want_out:
         acts = stats["mlp.down_proj"][0]
         s = awq_search([mlp.down_proj.weight.data], acts.mean_abs, wanted["mlp.down_proj"], acts.mean_sq).to(mlp.down_proj.weight.device)
         u, d = absorb_into_linear(mlp.up_proj.weight.data, mlp.down_proj.weight.data, s)
         mlp.up_proj.weight.data.copy_(u)
         mlp.down_proj.weight.data.copy_(d)
-        if "mlp.up_proj" not in wanted:
-            result.updated[f"{PREFIX}.{i}.mlp.up_proj.weight"] = u.detach().cpu().clone()
+        cols["mlp.down_proj"] = rows["mlp.up_proj"] = s.detach().cpu().clone()
+    # Columns first, then rows: the order the weights were changed in above (bit for bit).
+    for p in AWQ_LINEARS:
+        if p in cols or p in rows:
+            result.rescaled[text_linear_name(i, p)] = Rescale(cols.get(p), rows.get(p))

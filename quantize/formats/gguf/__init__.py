@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantize.formats.gguf import keys, mixes
 from quantize.formats.gguf.vocab import load_vocab
-from quantize.formats.gguf.writer import GGUFPlan, plan_text, type_counts, write_plan
+from quantize.formats.gguf.writer import GGUFPlan, code_sources, plan_text, type_counts, write_plan
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,11 @@ AUDIO_NOTE = (
 
 
 def _recipe_json(ctx) -> dict:
-    try:
-        return ctx.recipe.model_dump(mode="json")
-    except Exception:  # a recipe that cannot serialise still exports; provenance is best effort
-        return {"name": getattr(ctx.recipe, "name", "recipe")}
+    """The recipe as the file records it: no output folder and no local paths, so the same
+    inputs give the same bytes wherever they are written (``quantize.manifest.recipe_record``)."""
+    from quantize.manifest import recipe_record
+
+    return recipe_record(ctx.recipe)
 
 
 def write_gguf(ctx, options) -> list[Path]:
@@ -58,6 +59,12 @@ def write_gguf(ctx, options) -> list[Path]:
     return out
 
 
+def text_code_sources(ctx, options) -> dict[str, dict[str, str]]:
+    """The manifest's GGUF section: per text tensor, the method and GGUF grid that produced its
+    values and what was encoded (``writer.code_sources``); the plan is recomputed, no weight is read."""
+    return code_sources(plan_text(ctx, options), ctx.source)
+
+
 def describe_text_plan(plan: GGUFPlan) -> str:
     """One line for the dry run: the text GGUF's tensor data bytes and weights per GGUF type
     (the header and metadata add a few hundred KB for the vocabulary)."""
@@ -71,4 +78,4 @@ def describe_text_plan(plan: GGUFPlan) -> str:
     return f"predicted GGUF text model ({plan.path.name}): {sum(t.nbytes for t in plan.targets):,} bytes of tensor data; weights by type: {by_type}"
 
 
-__all__ = ["write_gguf", "GGUFPlan", "plan_text", "describe_text_plan", "AUDIO_NOTE"]
+__all__ = ["write_gguf", "GGUFPlan", "plan_text", "describe_text_plan", "text_code_sources", "AUDIO_NOTE"]

@@ -15,7 +15,8 @@ Rules taken from llama.cpp for the tensors Gemma 3n has:
 
 ``auto``: a quantized tensor whose codes a GGUF type holds exactly (symmetric int4 / int8 with
 groups that are multiples of 32 or per channel -> Q4_0 / Q8_0; asymmetric int4 -> Q4_1) takes that
-type; asymmetric int8 becomes Q8_0 re-quantized from our dequantized weights; fp8 has no GGUF
+type; asymmetric int8 becomes Q8_0 (RTN: re-quantized from our dequantized weights; AWQ: its
+rescaled float weights; GPTQ: refused, see ``writer._dequantize``); fp8 has no GGUF
 type and becomes F16 of the dequantized weights; kept matrices become F16 (BF16 when the source
 is BF16, so nothing is lost).
 """
@@ -139,7 +140,9 @@ def choose(
         if scheme.type == "fp8":
             return Choice(T.F16, note="fp8 has no GGUF type: written as F16 of the dequantized weights")
         if fits(T.Q8_0, cols) and scheme.type == "int8":
-            return Choice(T.Q8_0, note=f"{scheme.label()} re-quantized to Q8_0 from our dequantized weights")
+            # what is encoded (our dequantized RTN values, AWQ's rescaled floats) depends on the
+            # method that really ran: writer._dequantize decides, the manifest's gguf.tensors says
+            return Choice(T.Q8_0, note=f"{scheme.label()} has no exact GGUF type: re-encoded as Q8_0")
         return Choice(T.F16, note=f"{scheme.label()} ({cols} columns) has no exact GGUF type: F16 of the dequantized weights")
 
     base = MIX_DEFAULT[mix]

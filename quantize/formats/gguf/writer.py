@@ -31,6 +31,7 @@ from quantize.formats.gguf.names import TEXT_RULES, require_name
 from quantize.llamacpp_layout import validate_layout
 from quantize.model import glob_match
 from quantize.qtensor import QuantizedTensor
+from quantize.source import computed_method
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class Target:
     transform: str = ""
     layer: int | None = None
     pad_rows: int = 0  # zero rows appended (vocabulary padding)
-    method: str = "rtn"
-    dequantize: bool = False  # pack floats from our dequantized weights rather than the originals
+    method: str = "rtn"  # what produced the values: keep, rtn, gptq, awq (quantize.source.computed_method)
+    dequantize: bool = False  # pack our dequantized weights rather than the computed model's float weights
 
     @property
     def cols(self) -> int:
@@ -100,6 +101,7 @@ def plan_text(ctx, options) -> GGUFPlan:
         g["entries"][m.stack_index if m.transform == "stack" else 0] = e
 
     targets: list[Target] = []
+    refused: list[str] = []
     for gname, g in grouped.items():
         ents = [g["entries"][k] for k in sorted(g["entries"])]
         e0 = ents[0]
@@ -128,15 +130,14 @@ def plan_text(ctx, options) -> GGUFPlan:
         named = mixes.named_type(gname, options.tensor_types)
         choice = mixes.choose(gname, len(shape), shape[-1], e0.layer, n_layer, mix, scheme, e0.dtype,
                               options.token_embeddings, options.per_layer_embeddings, named)
-        method = e0.scheme.method if e0.quantized else "keep"
-        # GPTQ/AWQ values are the calibrated result: any other type packs them. Under ``auto`` a
-        # non-exact type reproduces our RTN values too; a type the recipe names for this tensor
-        # (``tensor_types``) is encoded from the original weights (with their importance).
-        deq = e0.quantized and not choice.exact and (method in ("gptq", "awq") or (mix == "auto" and named is None))
+        method = computed_method(e0)
+        deq = _dequantize(e0, method, choice, mix, named, gname, refused)
         if choice.note:
             notes.append(f"{gname}: {choice.note}")
         targets.append(Target(gname, shape, tuple(x.name for x in ents), choice, transform, e0.layer, pad, method, deq))
 
+    if refused:
+        raise ExportError(refused[0] + (f" (and {len(refused) - 1} more tensors)" if len(refused) > 1 else ""))
     have = {t.gguf for t in targets}
     for il in range(n_layer):
         for leaf, shape in (("attn_k.weight", (kv_dim, hidden)), ("attn_v.weight", (kv_dim, hidden)), ("attn_k_norm.weight", (int(tc["head_dim"]),))):
@@ -160,6 +161,38 @@ def plan_text(ctx, options) -> GGUFPlan:
     targets.sort(key=_order)
     name = f"{ctx.recipe.name}-{mix}.gguf"
     return GGUFPlan(Path(ctx.out_dir) / name, "gemma3n", targets, notes, warnings)
+
+
+def _dequantize(e, method: str, choice: mixes.Choice, mix: str, named: str | None, gname: str, refused: list[str]) -> bool:
+    """Whether a target packs our dequantized weights (True) or encodes the computed model's
+    float weights (False) when its type does not hold our codes exactly; appends to ``refused``
+    what would be rounded twice for nothing.
+
+    - GPTQ: its codes are the calibrated result, and they cannot be re-encoded on another block
+      grid without a second rounding that undoes GPTQ's error compensation (our encoder is not
+      a GPTQ on the K-quant grid): float types take the dequantized values, block types are refused.
+    - AWQ: the calibrated part is the scales, already in the float weights (``TensorSource.
+      float_weight``): a block type encodes those weights once, on its own grid; float types
+      under ``auto`` take the dequantized values, a type the recipe names takes the floats.
+    - RTN: under ``auto`` a non-exact type reproduces our RTN values; a type the recipe names
+      for this tensor (a mix or ``tensor_types``) is encoded from the float weights (with their
+      importance)."""
+    if not e.quantized or choice.exact:
+        return False
+    floating = choice.qtype in mixes.FLOATS
+    if method == "gptq":
+        if not floating:
+            exact = mixes.exact_for_scheme(e.scheme, e.shape[-1])
+            why = "a tensor_types rule" if named is not None else f"mix {mix}"
+            refused.append(
+                f"exports.gguf: {e.name} ({gname}) holds GPTQ {e.scheme.label()} codes but {why} gives it GGUF "
+                f"{choice.qtype.name}, which cannot hold them: re-encoding would round twice. Valid: "
+                + (f"{exact.name} (holds these codes exactly), " if exact is not None else "")
+                + "F16/BF16/F32, or method rtn or awq for this tensor (encoded once on the GGUF type's grid)")
+        return True
+    if method == "awq":
+        return floating and mix == "auto" and named is None
+    return mix == "auto" and named is None
 
 
 def _check_rules_match(rules, targets: list[Target]) -> None:
@@ -199,8 +232,8 @@ def _order(t: Target):
 def _values(ctx, src: str, t: Target, rows: tuple[int, int] | None = None) -> torch.Tensor | QuantizedTensor:
     """What ``t`` packs from ``src``: the whole tensor, or rows ``rows`` of it when streaming."""
     if not t.choice.exact and not t.dequantize:
-        # floats from the checkpoint: no need to quantize first
-        return ctx.source.original(src) if rows is None else ctx.source.original_rows(src, *rows)
+        # the computed model's floats (AWQ-rescaled where the calibration changed them): no need to quantize first
+        return ctx.source.float_weight(src) if rows is None else ctx.source.float_rows(src, *rows)
     v = ctx.source.get(src) if rows is None else ctx.source.rows(src, *rows)
     if isinstance(v, QuantizedTensor) and not t.choice.exact:
         return v.dequantize()
@@ -313,3 +346,21 @@ def type_counts(plan: GGUFPlan) -> dict[T, int]:
         if t.sources and len(t.shape) > 1 and t.gguf not in mixes.EMBEDDINGS:
             counts[t.choice.qtype] = counts.get(t.choice.qtype, 0) + int(np.prod(t.shape))
     return counts
+
+
+def code_sources(plan: GGUFPlan, source) -> dict[str, dict[str, str]]:
+    """For the manifest: per GGUF tensor, the method and the grid that produced its values and
+    what was encoded (matrices, and any tensor the calibration changed, e.g. AWQ's norms)."""
+    out = {}
+    for t in plan.targets:
+        changed = any(source.changed(s) for s in t.sources)
+        if not t.sources or (len(t.shape) < 2 and not changed):
+            continue
+        if t.choice.exact:
+            what = "calibrated codes" if t.method in ("gptq", "awq") else "RTN codes"
+        elif t.dequantize:
+            what = "dequantized codes" + ("" if t.choice.qtype in mixes.FLOATS else ", rounded again")
+        else:
+            what = "AWQ-rescaled float weights" if changed else "float weights"
+        out[t.gguf] = {"method": t.method, "grid": t.choice.qtype.name, "source": what}
+    return out

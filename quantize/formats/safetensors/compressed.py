@@ -11,6 +11,7 @@ from quantize.errors import ExportError
 from quantize.formats.safetensors.ct_format import (
     build_quantization_config,
     compressed_tensors_of,
+    kv_cache_tensors,
 )
 from quantize.formats.safetensors.folder import (
     atomic_folder,
@@ -73,16 +74,33 @@ def tensors_for(source, lay: TensorLayout) -> dict[str, torch.Tensor]:
     return compressed_tensors_of(qt, lay.module, packed=lay.kind == "packed")
 
 
+def _kv_scales(ctx) -> dict[int, tuple[float, float]]:
+    """Every decoder layer's fp8 KV-cache scales when the recipe asks for them (else none)."""
+    if not ctx.recipe.kv_cache.fp8:
+        return {}
+    n = int(ctx.source.config["text_config"]["num_hidden_layers"])
+    scales = dict(ctx.source.kv_scales)
+    missing = sorted(set(range(n)) - set(scales))
+    if missing:
+        raise ExportError(
+            f"kv_cache.fp8: no KV-cache scales for decoder layers {missing} (calibration gave layers {sorted(scales)})"
+        )
+    return scales
+
+
 def write_compressed(ctx, options, out: Path) -> list[Path]:
     plan = ctx.source.plan
     layouts = validate_compressed(plan)
-    qconfig = build_quantization_config(layouts, tied_lm_head=has_tied_lm_head(plan))
+    kv_scales = _kv_scales(ctx)
+    qconfig = build_quantization_config(layouts, tied_lm_head=has_tied_lm_head(plan), kv_cache=bool(kv_scales))
     metadata = {k: str(v) for k, v in ctx.provenance.items()}
     with atomic_folder(out) as tmp:
         writer = ShardWriter(tmp, int(options.max_shard_gb * GIB), metadata)
         for lay in tqdm(layouts, desc="safetensors (compressed-tensors)", unit="tensor", disable=len(layouts) < 50):
             for name, t in tensors_for(ctx.source, lay).items():
                 writer.add(name, t)
+        for name, t in kv_cache_tensors(kv_scales).items():
+            writer.add(name, t)
         files = writer.finish()
         files.append(write_config(ctx.source.config, tmp, qconfig))
         files += copy_side_files(ctx.source.checkpoint.folder, tmp)
