@@ -50,7 +50,7 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
 
     diag = torch.diagonal(h)
     dead = diag == 0
-    h[dead, dead] = 1.0
+    diag[dead] = 1.0
     g_size = scheme.effective_group or cols
     group_view(w, g_size)  # validates divisibility with a clear message
     bits, sym = scheme.bits, scheme.symmetric
@@ -64,68 +64,33 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
         scales.copy_(s0)
         if zeros is not None:
             zeros.copy_(z0)
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(diag, descending=True, stable=True)
+    del diag  # a view: it would keep the unpermuted Hessian alive
+    if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = h[perm]
+        h = h[:, perm]
 
+    # One n x n matrix more than needed is alive at any time (E4B's down_proj: 1 GiB each).
     damp = scheme.dampening * torch.diagonal(h).mean()
     h.diagonal().add_(damp)
     chol, info = torch.linalg.cholesky_ex(h)
+    del h
     if info.item() != 0:
         return _fallback(name, weight, scheme, hessian, f"hessian not positive definite (cholesky failed at column {info.item()}) after dampening {scheme.dampening}")
     hinv = torch.cholesky_inverse(chol)
+    del chol
     hinv, info = torch.linalg.cholesky_ex(hinv, upper=True)
     if info.item() != 0 or not torch.isfinite(hinv).all():
         return _fallback(name, weight, scheme, hessian, "inverse hessian not positive definite")
 
-    orig_idx = perm.tolist() if perm is not None else list(range(cols))
-    if sym:
-        lo_q, hi_q = symmetric_range(bits)
-    else:
-        lo_q, hi_q = 0, (1 << bits) - 1
-    codes = torch.zeros(rows, cols, dtype=torch.int16, device=w.device)
-    loss = torch.zeros(rows, dtype=torch.float64, device=w.device)
-    block = scheme.block_size
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            orig = orig_idx[j]
-            g = orig // g_size
-            if perm is None and orig % g_size == 0:
-                # Dynamic group scale from the freshest weights: in-block columns are updated in
-                # w1, the rest of the group (if it runs past the block) still lives in w.
-                cur = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :g_size]
-                s, z = int_scales(cur.unsqueeze(1), bits, sym)
-                scales[:, g] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, g] = z[:, 0]
-            s = scales[:, g].to(torch.float32)
-            inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
-            col = w1[:, i]
-            if zeros is None:
-                q = torch.round(col * inv).clamp(lo_q, hi_q)
-                dq = q * s
-            else:
-                zf = zeros[:, g].to(torch.float32)
-                q = torch.round(col * inv + zf).clamp(lo_q, hi_q)
-                dq = (q - zf) * s
-            codes[:, j] = q.to(torch.int16)
-            d = hinv1[i, i]
-            err = (col - dq) / d
-            loss += (err.double() ** 2) / 2
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
+    codes_t, loss = _quantize_columns(w, hinv, scales, zeros, perm, g_size, bits, block=scheme.block_size)
+    del hinv
     if perm is not None:
-        unperm = torch.empty_like(codes)
-        unperm[:, perm] = codes
-        codes = unperm
-    codes = codes.to(torch.int8 if sym else torch.uint8).cpu()
+        unperm = torch.empty_like(codes_t)
+        unperm[perm] = codes_t
+        codes_t = unperm
+    codes = codes_t.t().contiguous().cpu()
     return QuantizedTensor(
         name=name,
         shape=tuple(weight.shape),
@@ -147,3 +112,69 @@ def _fallback(name: str, weight: torch.Tensor, scheme: QuantScheme, hessian: tor
     qt = quantize_rtn(name, weight.detach().cpu(), scheme, importance=importance)
     qt.info["fallback"] = f"rtn: {why}"
     return qt
+
+
+def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      perm: torch.Tensor | None, g_size: int, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1's loop over the columns of ``w`` (already in processing order; updated in place).
+
+    Returns the codes transposed, (cols, rows) in processing order, and the per-row loss. Static
+    ``scales`` / ``zeros`` (act-order) are read, dynamic ones are filled in at each group start.
+
+    Speed without changing a bit: each block is worked on as a transposed copy, so a column is a
+    contiguous row and the per-column updates stream through memory; a group's scale reads only
+    its own ``g_size`` columns; a group's reciprocal scales are computed once, not per column.
+    Every value still goes through the same float operations in the same order as in the
+    textbook loop, and the lazy update after a block is the same matmul on the same operands."""
+    rows, cols = w.shape
+    sym = zeros is None
+    lo_q, hi_q = symmetric_range(bits) if sym else (0, (1 << bits) - 1)
+    codes_t = torch.empty(cols, rows, dtype=torch.int8 if sym else torch.uint8, device=w.device)
+    loss = torch.zeros(rows, dtype=torch.float64, device=w.device)
+    order = perm.tolist() if perm is not None else range(cols)
+
+    def reciprocal(s: torch.Tensor) -> torch.Tensor:
+        return torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+
+    if perm is not None:  # static groups: every group's scale is known before the loop
+        s_all = scales.t().to(torch.float32)  # (groups, rows): a group is a contiguous row
+        inv_all = reciprocal(s_all)
+        z_all = None if sym else zeros.t().to(torch.float32)
+    s = inv = zf = None
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        n = i2 - i1
+        w1 = w[:, i1:i2].t().contiguous()  # (n, rows)
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(n):
+            j = i1 + i
+            g = order[j] // g_size
+            if perm is not None:
+                s, inv, zf = s_all[g], inv_all[g], None if sym else z_all[g]
+            elif j % g_size == 0:
+                # Dynamic group scale from the freshest weights: in-block columns are updated in
+                # w1, the rest of the group (if it runs past the block) still lives in w.
+                rest = g_size - (n - i)
+                cur = w1[i:i + g_size].t() if rest <= 0 else torch.cat([w1[i:].t(), w[:, i2:i2 + rest]], dim=1)
+                sg, zg = int_scales(cur.unsqueeze(1), bits, sym)
+                scales[:, g] = sg[:, 0]
+                s = sg[:, 0].to(torch.float32)
+                inv = reciprocal(s)
+                if not sym:
+                    zeros[:, g] = zg[:, 0]
+                    zf = zg[:, 0].to(torch.float32)
+            col = w1[i]
+            if sym:
+                q = torch.round(col * inv).clamp(lo_q, hi_q)
+                dq = q * s
+            else:
+                q = torch.round(col * inv + zf).clamp(lo_q, hi_q)
+                dq = (q - zf) * s
+            codes_t[j] = q.to(codes_t.dtype)
+            err = (col - dq) / hinv1[i, i]
+            loss += (err.double() ** 2) / 2
+            w1[i + 1:] -= hinv1[i, i + 1:].unsqueeze(1) * err.unsqueeze(0)
+            err1[i] = err
+        w[:, i2:] -= err1.t().contiguous() @ hinv[i1:i2, i2:]
+    return codes_t, loss
