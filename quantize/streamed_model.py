@@ -173,3 +173,8 @@ class StreamedModel:
             for pname, p in list(sub._parameters.items()):
                 if p is not None and not p.is_meta:
                     sub._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            # Buffers stay real (computed from the config) but go home to the CPU: a layer the
+            # engine ran on a GPU must leave nothing there, or device memory grows per layer.
+            for bname, b in list(sub._buffers.items()):
+                if b is not None and b.device.type != "cpu":
+                    sub._buffers[bname] = b.cpu()

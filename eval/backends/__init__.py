@@ -38,6 +38,24 @@ def device_kind(device: str) -> str:
     return parse_device(device)[0]
 
 
+def torch_device(device: str, what: str = "--device"):
+    """The ``torch.device`` for ``device``, checked against the CUDA devices torch sees (``what``
+    names the option or key in the message). Plain ``cuda`` is the current CUDA device."""
+    import torch
+
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EvalError(f"{what} {device}: no CUDA device is available to torch")
+    if index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise EvalError(f"{what} {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                        f"valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
 def artifact_kind(path: str | Path) -> str:
     """``gguf`` for a .gguf file, ``safetensors`` for a model folder; anything else is an error."""
     p = Path(path)

@@ -15,25 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.backends import parse_device
+from eval.backends import torch_device
 from eval.errors import EvalError
 from eval.memory import peak_rss_bytes, reset_peak_rss
 
 log = logging.getLogger(__name__)
-
-
-def _resolve_device(device: str) -> torch.device:
-    kind, index = parse_device(device)
-    if kind == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: no CUDA device is available to torch")
-    if index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    if index >= torch.cuda.device_count():
-        raise EvalError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                        f"valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
 
 
 class TransformersBackend:
@@ -43,7 +29,7 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, Gemma3nForConditionalGeneration
 
         self.path = Path(path)
-        self.device = _resolve_device(device)
+        self.device = torch_device(device)
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()

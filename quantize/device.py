@@ -1,0 +1,64 @@
+"""The calibration device: ``cpu``, ``cuda`` or ``cuda:N`` checked against what torch sees, and
+the float settings the GPU computes statistics and GPTQ under.
+
+Exact fp32 on CUDA: TF32 (10-bit mantissa products) would change Hessians and GPTQ's error
+feedback, so codes would depend on a process-wide flag a caller may have set (Lightning and many
+training scripts set ``torch.set_float32_matmul_precision("high")``). ``exact_cuda_math`` turns
+TF32 off for matmuls and cuDNN, makes cuDNN pick deterministic algorithms without autotuning
+(autotuning picks by timing, which varies run to run), and restores every flag afterwards:
+library code leaves global state as it found it.
+
+``torch.use_deterministic_algorithms`` is NOT switched on here: what the engine runs on the GPU
+(matmuls, reductions, elementwise ops, SDPA forward, index assignment with unique indices) has
+no kernel that torch lists as nondeterministic, and the switch makes every cuBLAS call fail unless the process set
+``CUBLAS_WORKSPACE_CONFIG`` before CUDA started, which a library cannot arrange. Instead the GPU
+test runs the engine under that switch in a fresh process (tests/test_gpu_paths.py), so a
+nondeterministic kernel creeping in fails a test rather than a user's run.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from quantize.errors import RecipeError
+
+
+def calibration_device(spec: str | torch.device) -> torch.device:
+    """``spec`` as a ``torch.device`` (plain ``cuda``: the current CUDA device); a CUDA device
+    torch does not see is one line naming what is valid."""
+    from eval.backends import torch_device
+    from eval.errors import EvalError
+
+    try:
+        return torch_device(str(spec), what="device")
+    except EvalError as e:
+        raise RecipeError(f"{e} (use device: cpu)" if "no CUDA device" in str(e) else str(e)) from None
+
+
+@contextmanager
+def exact_cuda_math(device: torch.device) -> Iterator[None]:
+    """IEEE fp32 matmuls and deterministic cuDNN while the block runs on ``device`` (a CUDA
+    device; nothing changes for the CPU); ``device`` is also the current CUDA device, so any
+    tensor made on plain ``cuda`` inside lands on the GPU asked for."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (torch.get_float32_matmul_precision(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = False
+        cudnn.allow_tf32 = False
+        cudnn.deterministic = True
+        cudnn.benchmark = False
+        with torch.cuda.device(device):
+            yield
+    finally:
+        precision, matmul_tf32, cudnn_tf32, deterministic, benchmark = saved
+        torch.set_float32_matmul_precision(precision)
+        matmul.allow_tf32 = matmul_tf32  # after the precision, which also sets it
+        cudnn.allow_tf32 = cudnn_tf32
+        cudnn.deterministic = deterministic
+        cudnn.benchmark = benchmark
