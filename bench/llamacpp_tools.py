@@ -19,7 +19,7 @@ from pathlib import Path
 
 DEFAULT_TOOLS = Path(".cache/llama.cpp-tools/tools.json")
 
-FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q4_K_S": 14, "Q6_K": 18, "F16": 1}
+FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q3_K_M": 12, "Q4_K_M": 15, "Q4_K_S": 14, "Q5_K_M": 17, "Q6_K": 18, "F16": 1}
 
 
 class BenchError(RuntimeError):

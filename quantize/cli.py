@@ -1,13 +1,16 @@
 """Thin command line: parse arguments, call the library, map its exceptions to exit codes.
 
-Exit codes: 0 success; 2 bad input (recipe, model, data, request), one line on stderr;
-1 an unexpected failure (traceback); 130 interrupted.
+Exit codes: 0 success; 2 bad input (recipe, model, data, request, full disk), one line on
+stderr; 1 an unexpected failure (traceback), or the recipe's evaluation failed after the
+artifacts were written (one line; the artifacts are kept); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+Both signals unwind through the library, so its temporary folders are removed on the way out.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import signal
 import sys
 
 log = logging.getLogger("quantize")
@@ -25,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="override the recipe's device (cpu, cuda, cuda:N)")
     r.add_argument("--dry-run", action="store_true", help="print the plan (schemes and bytes) and stop")
     r.add_argument("--force", action="store_true", help="write GGUF even where llama.cpp's hard-coded layout differs")
+    r.add_argument("--overwrite", action="store_true",
+                   help="an existing output folder this tool did not write is moved aside to NAME.backup-N (never deleted)")
     r.add_argument("--allow-pickle", action="store_true", help="accept pickle checkpoints (they can run code)")
+    r.add_argument("--no-eval", action="store_true", help="skip the recipe's eval: section")
     r.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
     m = sub.add_parser("make-tiny", help="build a tiny Gemma 3n model folder (offline, seeded)")
@@ -38,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", help="folder, hub id or builtin:tiny-trained")
     i.add_argument("--json", action="store_true")
     i.add_argument("--allow-pickle", action="store_true")
+
+    f = sub.add_parser("fit", help="choose every text tensor's GGUF type by measurement for a memory budget or device")
+    f.add_argument("recipe", help="recipe YAML file (its exports.gguf.fit is used when no budget is given here)")
+    f.add_argument("--budget", help="size of the text GGUF: bytes (3.5GB, 3500MiB) or bits per weight (4.5bpw)")
+    f.add_argument("--device-profile", help="a device profile (its memory minus KV cache, mmproj and compute buffers)")
+    f.add_argument("--context", type=int, help="with --device-profile: context length in tokens (default 4096)")
+    f.add_argument("--vision", action="store_true", help="with --device-profile: the vision mmproj shares the memory")
+    f.add_argument("--model", help="override the recipe's model")
+    f.add_argument("--out", help="override the recipe's output folder (the fitted recipe goes beside it: OUT.fit.yaml)")
+    f.add_argument("--dry-run", action="store_true", help="measure and print the budget breakdown and chosen types; write nothing")
+    f.add_argument("--overwrite", action="store_true", help="as for run")
+    f.add_argument("--allow-pickle", action="store_true")
+    f.add_argument("--no-eval", action="store_true", help="skip measuring the written GGUF's KL")
+
+    w = sub.add_parser("sweep", help="run a grid of recipe variants as Ray tasks and evaluate them on the cluster's devices")
+    w.add_argument("sweep", help="sweep YAML file (a base recipe, a grid, eval devices)")
+    w.add_argument("--address", help="join this Ray cluster (HOST:PORT or ray://...); default: a local Ray instance")
+    w.add_argument("--dry-run", action="store_true", help="list the variants, their resource requests and what a run would skip")
     return p
 
 
@@ -50,7 +74,13 @@ def _cmd_run(args) -> int:
     if args.force and recipe.exports.gguf is not None:
         gguf = recipe.exports.gguf.model_copy(update={"force": True})
         recipe = recipe.model_copy(update={"exports": recipe.exports.model_copy(update={"gguf": gguf})})
-    result = run(recipe, dry_run=args.dry_run, allow_pickle=args.allow_pickle)
+    if args.no_eval:  # the artifacts do not record the eval section, so they stay byte-identical
+        recipe = recipe.model_copy(update={"eval": None})
+    if recipe.exports.gguf is not None and recipe.exports.gguf.fit is not None:  # the recipe asks fit to choose
+        args.budget = args.device_profile = None
+        args.context, args.vision = None, False
+        return _cmd_fit(args, recipe)
+    result = run(recipe, dry_run=args.dry_run, allow_pickle=args.allow_pickle, overwrite=args.overwrite)
     if args.dry_run:
         if args.json:
             print(json.dumps(result.plan.to_json(), indent=2))
@@ -72,6 +102,52 @@ def _cmd_run(args) -> int:
     for a in result.artifacts:
         print(f"  {a}")
     print(f"  {result.out_dir / 'manifest.json'}")
+    if result.eval is not None and "error" in result.eval:
+        # The artifacts are complete and kept; only their evaluation failed.
+        print(f"error: eval: {result.eval['error']} (the artifacts in {result.out_dir} are complete; "
+              f"manifest.json records the failure; rerun with --no-eval or use python -m eval run)", file=sys.stderr)
+        return 1
+    if result.eval is not None:
+        print(f"  {result.out_dir / result.eval['report'][0]}")
+    return 0
+
+
+def _cmd_fit(args, recipe=None) -> int:
+    from quantize.fit.run import describe, fit, kl_text
+    from quantize.fit.spec import FitSpec
+    from quantize.recipe import load_recipe
+
+    if recipe is None:
+        recipe = load_recipe(args.recipe, model=args.model, output=args.out)
+    given = recipe.exports.gguf.fit if recipe.exports.gguf is not None else None
+    if args.budget or args.device_profile:
+        try:
+            spec = FitSpec(budget=args.budget, device=args.device_profile, context=4096 if args.context is None else args.context, vision=args.vision)
+        except ValueError as e:  # pydantic's ValidationError: one line naming the flag
+            from quantize.errors import RecipeError
+
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise RecipeError((f"--{where}: " if where else "") + first["msg"].removeprefix("Value error, ")) from None
+    elif given is not None:
+        spec = given
+    else:
+        from quantize.errors import RecipeError
+
+        raise RecipeError(f"{args.recipe}: fit needs --budget, --device-profile or exports.gguf.fit in the recipe")
+    res = fit(recipe, spec, dry_run=args.dry_run, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+              run_eval=not args.no_eval)
+    print(describe(res))
+    if args.dry_run:
+        return 0
+    gguf = next(p for p in res.run.artifacts if p.suffix == ".gguf" and not p.name.startswith("mmproj"))
+    print(f"wrote {res.recipe_path} (plain recipe) and {res.run.out_dir}: {gguf.name} {gguf.stat().st_size:,} bytes "
+          f"(budget {res.budget_bytes:,}); predicted KL {kl_text(res)}")
+    from quantize.fit.run import measured_kl
+
+    kl = measured_kl(res.run, gguf)
+    if kl is not None:
+        print(f"measured KL {kl:.4g} (llama.cpp, eval/ in the output; the manifest records both)")
     return 0
 
 
@@ -93,7 +169,35 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "make-tiny": _cmd_make_tiny, "inspect": _cmd_inspect}
+def _cmd_sweep(args) -> int:
+    from quantize import sweep
+
+    spec, variants = sweep.load(args.sweep)
+    if args.dry_run:
+        print(sweep.describe(spec, sweep.plan(spec, variants)))
+        return 0
+    from quantize.sweep.ray_runner import run_sweep
+
+    outcome = run_sweep(spec, variants, address=args.address)
+    from collections import Counter
+
+    counts = Counter(state.split(":")[0] for state in outcome.states.values())  # done, skipped, failed
+    print(f"sweep {spec.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+          + (f"; report {outcome.report}" if outcome.report else ""))
+    for line in outcome.failed:
+        print(f"  {line}", file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+COMMANDS = {"run": _cmd_run, "fit": _cmd_fit, "make-tiny": _cmd_make_tiny, "inspect": _cmd_inspect, "sweep": _cmd_sweep}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that ``finally`` and cleanup blocks run."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     from calibrate.errors import CalibrationError
     from quantize.errors import QuantizeError
 
+    # The default SIGTERM action kills the process on the spot, leaving its partial folder.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except (QuantizeError, CalibrationError) as e:
@@ -113,3 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -12,8 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calibrate.config import CalibrationConfig
+from calibrate.config import CalibrationConfig, expand_path
 from quantize.errors import RecipeError
+from quantize.fit.spec import FitRecord, FitSpec
 from quantize.schemes import QuantScheme, resolve_scheme
 
 RECIPE_VERSION = 1
@@ -59,7 +60,7 @@ class KVCache(_Strict):
     fp8: bool = False
 
 
-GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 GGUF_MIXES = ("Q8_0", "Q4_0", "Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "F16", "F32", "auto")
 
 
@@ -95,6 +96,10 @@ class GGUFExport(_Strict):
     # mtmd can run it (text width = vision width, as in E2B/E4B), else skip with a manifest note.
     mmproj: bool | Literal["auto"] = "auto"
     force: bool = False  # write even where llama.cpp's hard-coded Gemma 3n layout differs
+    # choose tensor_types by measurement for a budget or device (``quantize fit``; quantize.fit.spec)
+    fit: FitSpec | None = None
+    # what fit predicted for these tensor_types (written by fit; informational, recorded in the manifest)
+    fitted: FitRecord | None = None
 
     @field_validator("mix")
     @classmethod
@@ -127,13 +132,56 @@ class Exports(_Strict):
         return self
 
 
+class EvalText(_Strict):
+    """The text ``eval`` scores: the embedded held-out split, local files or a ``datasets`` split
+    (read like calibration text; see calibrate/config.py)."""
+
+    source: Literal["embedded", "files", "hub"] = "embedded"
+    path: str | None = None  # files: a file, a folder or a glob
+    dataset: str | None = None  # hub: datasets id or a local dataset folder
+    name: str | None = None  # hub: datasets config
+    split: str | None = None  # hub: default "test"
+    column: str | None = None  # hub, and jsonl/parquet/csv files: default "text"
+
+    @field_validator("path", "dataset")
+    @classmethod
+    def _expand(cls, v):
+        return expand_path(v)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.source == "files" and not self.path:
+            raise ValueError("source 'files' needs 'path'")
+        if self.source == "hub" and not self.dataset:
+            raise ValueError("source 'hub' needs 'dataset'")
+        if self.source == "embedded" and (self.path or self.dataset or self.split not in (None, "eval")):
+            raise ValueError("the embedded text has only its held-out split 'eval'; use source 'files' or 'hub' for other text")
+        return self
+
+
 class EvalSpec(_Strict):
-    perplexity: bool = True
-    kl: bool = True
-    latency: bool = False
+    """What ``quantize run`` measures on what it wrote (``--no-eval`` skips it): the source model
+    and each artifact, against the source model, in ``OUTPUT/eval/``."""
+
+    perplexity: bool = True  # perplexity on the text's windows
+    kl: bool = True  # KL divergence against the source model (needs the source model's forward)
+    latency: bool = False  # prefill and decode timing
     towers: bool = False  # vision/audio embedding cosine checks
     n_windows: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=16)
+    text: EvalText = EvalText()
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not (self.perplexity or self.kl or self.latency or self.towers):
+            raise ValueError("eval asks for nothing: set one of perplexity, kl, latency, towers (or drop 'eval')")
+        from eval.latency import DEFAULT_PROMPT_LENGTHS
+
+        # latency prompts are cut from the windows' text, so it must hold the longest prompt
+        if self.latency and self.n_windows * (self.seq_len - 1) < max(DEFAULT_PROMPT_LENGTHS):
+            raise ValueError(f"latency times prompts of {max(DEFAULT_PROMPT_LENGTHS)} tokens, but n_windows x (seq_len - 1) "
+                             f"= {self.n_windows * (self.seq_len - 1)} tokens of text; raise n_windows or seq_len")
+        return self
 
 
 class Recipe(_Strict):
@@ -151,11 +199,21 @@ class Recipe(_Strict):
     exports: Exports = Exports(safetensors=SafetensorsExport())
     eval: EvalSpec | None = None
 
+    @field_validator("model", "output")
+    @classmethod
+    def _expand(cls, v):
+        return expand_path(v)  # a hub id or builtin: name has no ~ or $ and stays as it is
+
     @field_validator("device")
     @classmethod
     def _device(cls, v):
-        if v != "cpu" and not v.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {v!r}")
+        from eval.backends import parse_device  # the one grammar of devices (eval's --device too)
+        from eval.errors import EvalError
+
+        try:
+            parse_device(v)
+        except EvalError:
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {v!r}") from None
         return v
 
 

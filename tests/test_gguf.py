@@ -492,3 +492,16 @@ def test_tensor_types_rule_matching_nothing_is_refused(tiny_random, tmp_path):
     with pytest.raises(ExportError, match=r"tensor_types.0.match \['per_layer_token_emb.weight'\] matches no quantizable GGUF tensor"):
         write_gguf(ctx, opts)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_low_bit_kquants_fall_back_and_name_the_file():
+    # 128-column rows do not fit 256-value super-blocks: llama.cpp falls back to a 32-block type
+    # (IQ4_NL for Q2_K/Q3_K, which we do not write: Q4_0 has its 4.5 bits per weight).
+    from gguf import GGMLQuantizationType as T, LlamaFileType as FT
+
+    from quantize.formats.gguf.mixes import file_type, with_fallback
+
+    assert with_fallback(T.Q2_K, 128) == T.Q4_0 and with_fallback(T.Q3_K, 128) == T.Q4_0
+    assert with_fallback(T.Q3_K, 512) == T.Q3_K
+    assert file_type("auto", {T.Q3_K: 10, T.Q8_0: 3}) == FT.MOSTLY_Q3_K_M
+    assert file_type("auto", {T.Q2_K: 10, T.F32: 30}) == FT.MOSTLY_Q2_K

@@ -41,8 +41,11 @@ TYPE_FILE_TYPE = {
     T.F32: FT.ALL_F32, T.F16: FT.MOSTLY_F16, T.BF16: FT.MOSTLY_BF16, T.Q8_0: FT.MOSTLY_Q8_0,
     T.Q4_0: FT.MOSTLY_Q4_0, T.Q4_1: FT.MOSTLY_Q4_1, T.Q5_0: FT.MOSTLY_Q5_0, T.Q5_1: FT.MOSTLY_Q5_1,
     T.Q4_K: FT.MOSTLY_Q4_K_M, T.Q5_K: FT.MOSTLY_Q5_K_M, T.Q6_K: FT.MOSTLY_Q6_K,
+    T.Q2_K: FT.MOSTLY_Q2_K, T.Q3_K: FT.MOSTLY_Q3_K_M,
 }
-FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+# llama.cpp's fallbacks for rows that do not fit 256-value super-blocks (llama-quant.cpp); it
+# gives Q2_K/Q3_K IQ4_NL, which we do not write: Q4_0 has the same 4.5 bits per weight.
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 FLOATS = (T.F32, T.F16, T.BF16)
 NEVER_QUANTIZED = ("_norm.weight", "altup", "laurel", "per_layer_model_proj")
 EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
