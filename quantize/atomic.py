@@ -132,15 +132,17 @@ def _is_stale(p: Path, kind: str) -> bool:
     if marker is None:
         return False
     if kind == "old":  # a replaced output whose removal was cut short: ours if fully listed
-        return marker.get("state") == "output" and not (_files_under(p) - _owned_files(p)) and not _alive(int(pid_text))
+        return marker.get("state") == "output" and not (_files_under(p) - _owned_files(p)) and not pid_alive(int(pid_text))
     if marker.get("state") != "partial" or marker.get("host") != socket.gethostname():
         return False  # another machine's run (a shared filesystem): its PID means nothing here
     if marker.get("boot_id") and marker.get("boot_id") != _boot_id():
         return True
-    return not _alive(int(pid_text))
+    return not pid_alive(int(pid_text))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (our own PID counts as gone: a folder named with it that we
+    are not building is an earlier process's)."""
     if pid == os.getpid():
         return False  # our own PID on a folder we are not building (``_ACTIVE``): an earlier process's
     try:

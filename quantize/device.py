@@ -17,6 +17,7 @@ nondeterministic kernel creeping in fails a test rather than a user's run.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,16 +26,36 @@ import torch
 from quantize.errors import RecipeError
 
 
+DEVICE_HELP = "cpu, cuda or cuda:N"
+
+
+def parse_device(spec: str) -> tuple[str, int | None]:
+    """("cpu", None), ("cuda", None) or ("cuda", N); anything else is a ``ValueError`` naming what
+    is valid. (eval has its own parser for its ``--device``: eval never imports quantize;
+    tests/test_gpu_paths.py checks that the two grammars agree.)"""
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", spec)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    return m.group(1), int(m.group(2)) if m.group(2) is not None else None
+
+
 def calibration_device(spec: str | torch.device) -> torch.device:
     """``spec`` as a ``torch.device`` (plain ``cuda``: the current CUDA device); a CUDA device
     torch does not see is one line naming what is valid."""
-    from eval.backends import torch_device
-    from eval.errors import EvalError
-
     try:
-        return torch_device(str(spec), what="device")
-    except EvalError as e:
-        raise RecipeError(f"{e} (use device: cpu)" if "no CUDA device" in str(e) else str(e)) from None
+        kind, index = parse_device(str(spec))
+    except ValueError as e:
+        raise RecipeError(f"device: {e}") from None
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"device {spec}: no CUDA device is available to torch (use device: cpu)")
+    if index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise RecipeError(f"device {spec}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                          f"valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
 
 
 @contextmanager

@@ -35,6 +35,12 @@ def check_eval(recipe: Recipe) -> None:
     ev = recipe.eval
     if ev is None:
         return
+    from eval.latency import DEFAULT_PROMPT_LENGTHS
+
+    # latency prompts are cut from the windows' text, so it must hold the longest prompt
+    if ev.latency and ev.n_windows * (ev.seq_len - 1) < max(DEFAULT_PROMPT_LENGTHS):
+        raise RecipeError(f"eval: latency times prompts of {max(DEFAULT_PROMPT_LENGTHS)} tokens, but n_windows x (seq_len - 1) "
+                          f"= {ev.n_windows * (ev.seq_len - 1)} tokens of text; raise eval.n_windows or eval.seq_len")
     if ev.text.source == "files" and not glob.glob(ev.text.path):
         raise RecipeError(f"eval.text.path: {ev.text.path!r} does not exist (a file, folder or glob is expected)")
     gguf = recipe.exports.gguf

@@ -175,12 +175,6 @@ class EvalSpec(_Strict):
     def _something(self):
         if not (self.perplexity or self.kl or self.latency or self.towers):
             raise ValueError("eval asks for nothing: set one of perplexity, kl, latency, towers (or drop 'eval')")
-        from eval.latency import DEFAULT_PROMPT_LENGTHS
-
-        # latency prompts are cut from the windows' text, so it must hold the longest prompt
-        if self.latency and self.n_windows * (self.seq_len - 1) < max(DEFAULT_PROMPT_LENGTHS):
-            raise ValueError(f"latency times prompts of {max(DEFAULT_PROMPT_LENGTHS)} tokens, but n_windows x (seq_len - 1) "
-                             f"= {self.n_windows * (self.seq_len - 1)} tokens of text; raise n_windows or seq_len")
         return self
 
 
@@ -207,13 +201,9 @@ class Recipe(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v):
-        from eval.backends import parse_device  # the one grammar of devices (eval's --device too)
-        from eval.errors import EvalError
+        from quantize.device import parse_device  # the same grammar as eval's --device
 
-        try:
-            parse_device(v)
-        except EvalError:
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {v!r}") from None
+        parse_device(v)  # its ValueError names what is valid
         return v
 
 
@@ -234,15 +224,22 @@ def parse_recipe(data: Any, source: str | Path = "<recipe>") -> Recipe:
         raise RecipeError(_format_error(Path(str(source)), e)) from None
 
 
+def read_yaml(path: str | Path, what: str = "recipe", error: type[Exception] = RecipeError) -> Any:
+    """The parsed YAML of a file (recipes, sweeps); a missing file or bad YAML is one ``error``
+    line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
 def load_recipe(path: str | Path, **overrides: Any) -> Recipe:
     """Read and validate a recipe file; ``overrides`` replace top-level keys (CLI flags)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path)
     if isinstance(data, dict):
         data.update({k: v for k, v in overrides.items() if v is not None})
     return parse_recipe(data, path)

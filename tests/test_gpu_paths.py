@@ -41,6 +41,23 @@ def test_recipe_refuses_a_device_outside_the_grammar(bad):
     assert str(e.value) == f"r.yaml: device: device must be 'cpu', 'cuda' or 'cuda:N', got {bad!r}"
 
 
+@pytest.mark.parametrize("spec", ["cpu", "cuda", "cuda:0", "cuda:7", "cuda:12", "tpu", "cuda:x", "cpu:0", "cudafoo",
+                                  "cuda:-1", "CUDA", "cuda:", " cuda", ""])
+def test_quantize_and_eval_read_devices_alike(spec):
+    # Two parsers, one grammar: eval never imports quantize, and quantize's core not eval.
+    from eval.backends import parse_device as eval_parse
+    from eval.errors import EvalError
+    from quantize.device import parse_device
+
+    try:
+        want = eval_parse(spec)
+    except EvalError:
+        with pytest.raises(ValueError):
+            parse_device(spec)
+    else:
+        assert parse_device(spec) == want
+
+
 def test_cli_refuses_a_cuda_device_torch_does_not_see(tiny_random, tmp_path):
     """cuda:N with N = the number of GPUs torch sees (none here, one on a GPU machine): one line,
     exit 2, in the first seconds (before calibration), no output folder."""

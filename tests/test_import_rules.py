@@ -20,6 +20,13 @@ def test_quantize_core_does_not_import_eval():
     assert "eval" not in _loaded_after(core)
 
 
+def test_parsing_a_recipe_with_device_and_eval_does_not_import_eval():
+    # validators run code: a recipe's device and eval sections are checked without eval
+    parse = ("from quantize.recipe import parse_recipe; parse_recipe({'model': 'm', 'output': 'o', 'device': 'cuda:1', "
+             "'eval': {'latency': True, 'n_windows': 2, 'seq_len': 64}})")
+    assert "eval" not in _loaded_after(parse)
+
+
 def test_eval_does_not_import_quantize():
     assert "quantize" not in _loaded_after("import eval.run, eval.report, eval.cli, eval.backends.hf, eval.backends.llamacpp")
 

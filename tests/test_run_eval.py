@@ -156,3 +156,19 @@ def test_each_quality_key_does_what_it_says(evaluated, tiny_trained, tmp_path, s
     table = (out / "eval" / "report.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| evalrun-auto |"))
     assert "| - |" in row
+
+
+def test_latency_needs_text_for_its_longest_prompt():
+    # eval times prompts of 64 and 256 tokens cut from the windows' text: 1 x (64 - 1) = 63 tokens
+    # cannot hold them, 2 x (129 - 1) = 256 can; refused before any work, naming the keys
+    from quantize.errors import RecipeError
+    from quantize.evaluation import check_eval
+    from quantize.recipe import parse_recipe
+
+    def recipe(n, s):
+        return parse_recipe({"model": "m", "output": "o", "exports": {"safetensors": {}},
+                             "eval": {"latency": True, "n_windows": n, "seq_len": s}})
+
+    with pytest.raises(RecipeError, match=r"prompts of 256 tokens.*= 63 tokens.*eval.n_windows"):
+        check_eval(recipe(1, 64))
+    check_eval(recipe(2, 129))

@@ -120,7 +120,7 @@ def test_cli_bad_sweep_is_one_line_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantize", "sweep", str(p)], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert lines == [f"error: base: recipe file {tmp_path / 'nope.yaml'} not found"]
+    assert lines == [f"error: {tmp_path / 'nope.yaml'}: base recipe file not found"]
     assert not (tmp_path / "o").exists()
 
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from quantize.atomic import MARKER, atomic_folder
+from quantize.atomic import MARKER, atomic_folder, pid_alive
 
 _PREFIX = "gemma3n-sweep-"
 
@@ -39,22 +39,10 @@ def worker_tempdir():
     root = Path(tempfile.gettempdir())
     for p in root.glob(f"{_PREFIX}*"):
         pid = p.name[len(_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():  # a worker runs one task at a time: our PID's folder is an earlier process's
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -24,11 +24,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantize.errors import RecipeError
-from quantize.recipe import Recipe
+from quantize.recipe import Recipe, read_yaml
 
 SWEEP_VERSION = 1
 # Set per variant by the sweep itself: a grid over them would collide in one folder.
@@ -159,11 +158,4 @@ def parse_sweep(data: Any, source: str | Path = "<sweep>") -> SweepSpec:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: sweep file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_sweep(data, path)
+    return parse_sweep(read_yaml(path, "sweep", SweepError), path)

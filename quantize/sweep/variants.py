@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from quantize.recipe import Recipe, parse_recipe
+from quantize.recipe import Recipe, parse_recipe, read_yaml
 from quantize.sweep.spec import SweepError, SweepSpec
 
 GIB = 1 << 30
@@ -73,12 +72,7 @@ def base_recipe_data(spec: SweepSpec, sweep_dir: str | Path) -> dict:
     if isinstance(spec.base, dict):
         return copy.deepcopy(spec.base)
     path = Path(sweep_dir) / spec.base
-    if not path.is_file():
-        raise SweepError(f"base: recipe file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(path, "base recipe", SweepError)
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     return data
