@@ -300,9 +300,10 @@ def _check_output(out: Path, overwrite: bool) -> None:
     """Before anything is loaded: the output may replace only an earlier output of this tool
     (or, with ``overwrite``, move a foreign folder aside), and must not be, or hold, the
     folders the user works from."""
-    check_output(out, overwrite)
+    # first: never suggest --overwrite for a folder that must not be moved at all
     for folder, what in ((Path.home(), "your home folder"), (Path.cwd(), "the current folder")):
         _check_not_inside(out, folder, what)
+    check_output(out, overwrite)
 
 
 def _check_not_inside(out: Path, folder: Path, what: str) -> None:

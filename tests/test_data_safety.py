@@ -433,3 +433,16 @@ def test_same_inputs_same_bytes_in_any_folder(tmp_path, tiny_random):
             data = p.read_bytes()
             for local in (str(tmp_path), str(tiny_random)):
                 assert local.encode() not in data, (p, local)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_home_folder_as_output_is_refused_without_suggesting_overwrite(tmp_path, tiny_random, overwrite):
+    # `--out ~`: even --overwrite must not move the home folder aside; the line must not offer it
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "mine.txt").write_text("keep me")
+    args = ["run", str(_recipe(tmp_path, tiny_random, "unused")), "--out", "~"] + (["--overwrite"] if overwrite else [])
+    line = _one_error(_cli(*args, env=_env(HOME=str(home))))
+    assert f"output: {home} is or contains your home folder" in line and "--overwrite" not in line
+    assert (home / "notes" / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "r.yaml"]
