@@ -221,18 +221,24 @@ def speed_rounds(files: dict[str, Path], base, threads: int, prompt: int, gen: i
 # ----------------------------------------------------------------------------- main
 
 
+def quiet_bench_process(threads: int, quiet=("httpx", "urllib3", "transformers", "quantize", "calibrate", "eval")) -> None:
+    """The benchmarks' process setup: ``threads`` for torch and OpenMP, no progress bars, our
+    own timing lines on INFO and the libraries' logs on WARNING."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in quiet:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def main(argv=None) -> int:
     from eval.atomic_file import write_text_atomic
 
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "transformers", "quantize", "calibrate", "eval"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    quiet_bench_process(args.threads)
     from bench import compare_table as table
     from bench import llamacpp_tools as lt
 
@@ -353,6 +359,7 @@ def main(argv=None) -> int:
     noise = table.speed_noise(rows)
     total = time.perf_counter() - t_start
     import llama_cpp
+    import torch
 
     env = {"threads": args.threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
            "machine": platform.processor() or platform.machine(), "python": platform.python_version(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -64,14 +63,9 @@ def main(argv=None) -> int:
     from eval.atomic_file import write_text_atomic
 
     args = parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "transformers", "quantize", "calibrate", "eval", "gguf"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import torch
+    from bench.compare_llamacpp import quiet_bench_process
 
-    torch.set_num_threads(args.threads)
+    quiet_bench_process(args.threads, ("httpx", "urllib3", "transformers", "quantize", "calibrate", "eval", "gguf"))
     from bench import llamacpp_tools as lt
     from bench.compare_llamacpp import (calibration_config, kl_base_from_gguf, our_recipe, quality_of, run_ours,
                                         write_calibration_text)

@@ -46,8 +46,12 @@ class OutputError(QuantizeError):
 def check_output(final: str | Path, overwrite: bool = False) -> str:
     """What writing ``final`` will do: ``"new"`` (absent or empty), ``"replace"`` (an earlier
     output of this tool) or ``"backup"`` (anything else, allowed only with ``overwrite``: it is
-    moved to ``NAME.backup-N``). Raises ``OutputError`` (one line) otherwise. Reads only."""
+    moved to ``NAME.backup-N``). Raises ``OutputError`` (one line) otherwise, and always for a
+    ``final`` that is, or holds, the home or current folder. Reads only."""
     final = Path(final)
+    # first: never offer --overwrite for a folder that must not be moved at all
+    for folder, what in ((Path.home(), "your home folder"), (Path.cwd(), "the current folder")):
+        refuse_if_holds(final, folder, what)
     if not final.exists() and not final.is_symlink():
         return "new"
     if final.is_symlink():
@@ -70,6 +74,13 @@ def check_output(final: str | Path, overwrite: bool = False) -> str:
         f"output: {final} {what}; choose another output folder (--out), or pass --overwrite to "
         f"move it aside to {_backup_name(final).name} (nothing is deleted)"
     )
+
+
+def refuse_if_holds(final: str | Path, folder: str | Path, what: str) -> None:
+    """Replacing ``final`` renames it as a whole: refuse when that would move ``folder`` away."""
+    final_r, folder_r = Path(final).resolve(), Path(folder).resolve()
+    if final_r == folder_r or final_r in folder_r.parents:
+        raise OutputError(f"output: {final} is or contains {what} ({folder}); choose an output folder of its own")
 
 
 @contextlib.contextmanager

@@ -295,7 +295,7 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise ModelError(f"{self.folder}: tensor {name!r} not found")
-        if info.dtype not in _TORCH_DTYPES or info.offset < 0:
+        if info.dtype not in TORCH_DTYPE_NAMES or info.offset < 0:
             return self.get(name)[start:stop]
         rows = info.shape[0] if info.shape else 1
         start, stop = max(0, start), min(rows, stop)
@@ -307,7 +307,7 @@ class Checkpoint:
             got = fh.readinto(buf) if n else 0
         if got != n:
             raise ModelError(f"{info.file}: truncated data for tensor {name!r} (rows {start}:{stop})")
-        dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+        dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
         t = torch.frombuffer(buf, dtype=dtype) if n else torch.empty(0, dtype=dtype)
         return t.reshape(stop - start, *info.shape[1:])
 
@@ -323,7 +323,8 @@ class Checkpoint:
         return [n for n in self.tensors if is_dead_kv(n, self.consumers)]
 
 
-_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+# safetensors dtype -> torch dtype name (torch.<name>)
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
                  "I32": "int32", "I8": "int8", "U8": "uint8"}
 
 

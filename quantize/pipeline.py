@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quantize.atomic import atomic_folder, check_output
+from quantize.atomic import atomic_folder, check_output, refuse_if_holds
 from quantize.errors import ModelError, RecipeError
 from quantize.evaluation import check_eval, check_eval_text, run_eval
 from quantize.manifest import artifact_provenance, build_manifest, model_hash, write_json_atomic
@@ -41,12 +41,12 @@ def prepare(recipe: Recipe, allow_pickle: bool = False, *, out: Path | None = No
     will write, checked first so that a refusal comes in the first second (``None``: a dry
     run, which writes nothing)."""
     if out is not None:
-        _check_output(Path(out), overwrite)
+        check_output(Path(out), overwrite)  # first: a refusal comes before the model is even resolved
     _check_calibration_paths(recipe)
     check_eval(recipe)
     folder = resolve_model(recipe.model, allow_pickle=allow_pickle)
     if out is not None:
-        _check_not_inside(Path(out), folder, "the model folder")
+        refuse_if_holds(Path(out), folder, "the model folder")
     ckpt = Checkpoint(folder)
     plan = build_plan(recipe, ckpt)
     _validate_exports(recipe, ckpt, plan)
@@ -294,20 +294,3 @@ def load_processor(folder: Path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{folder}: the tokenizer/processor files cannot be loaded ({first}); "
                          "calibration needs a Gemma 3n processor (tokenizer.json or tokenizer.model, processor_config.json)") from None
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    """Before anything is loaded: the output may replace only an earlier output of this tool
-    (or, with ``overwrite``, move a foreign folder aside), and must not be, or hold, the
-    folders the user works from."""
-    # first: never suggest --overwrite for a folder that must not be moved at all
-    for folder, what in ((Path.home(), "your home folder"), (Path.cwd(), "the current folder")):
-        _check_not_inside(out, folder, what)
-    check_output(out, overwrite)
-
-
-def _check_not_inside(out: Path, folder: Path, what: str) -> None:
-    """Replacing ``out`` renames it as a whole: refuse when that would move ``folder`` away."""
-    out_r, folder_r = out.resolve(), folder.resolve()
-    if out_r == folder_r or out_r in folder_r.parents:
-        raise RecipeError(f"output: {out} is or contains {what} ({folder}); choose an output folder of its own")

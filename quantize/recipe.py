@@ -207,12 +207,35 @@ class Recipe(_Strict):
         return v
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
+def format_validation_error(path: Path, err: ValidationError, schema: type[BaseModel] | None = None) -> str:
+    """One line: the file, the key's path and pydantic's message; with ``schema`` (the root
+    model), an unknown key also lists the valid keys at its place."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
+    if schema is not None and first["type"] == "extra_forbidden":
+        model = _model_at(schema, first["loc"][:-1])
+        if model is not None:
+            msg += f"; valid keys: {', '.join(model.model_fields)}"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{path}: {loc}: {msg}{more}"
+
+
+def _model_at(schema: type[BaseModel], loc) -> type[BaseModel] | None:
+    """The schema class at a validation error's location (list indices skipped)."""
+    model = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        nxt = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
 
 
 def parse_recipe(data: Any, source: str | Path = "<recipe>") -> Recipe:
@@ -221,7 +244,7 @@ def parse_recipe(data: Any, source: str | Path = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_format_error(Path(str(source)), e)) from None
+        raise RecipeError(format_validation_error(Path(str(source)), e)) from None
 
 
 def read_yaml(path: str | Path, what: str = "recipe", error: type[Exception] = RecipeError) -> Any:

@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantize.model import Checkpoint
+from quantize.model import TORCH_DTYPE_NAMES, Checkpoint
 from quantize.plan import Plan
 from quantize.qtensor import QuantizedTensor
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,9 @@ class TensorSource:
         if not entry.quantized:
             w = self.float_weight(name)
             # kept tensors stay in their own dtype (the safetensors layout and its sizes say so)
-            return w.to(_DTYPES.get(entry.dtype, w.dtype)) if self.changed(name) else w
+            if not self.changed(name) or entry.dtype not in TORCH_DTYPE_NAMES:
+                return w
+            return w.to(getattr(torch, TORCH_DTYPE_NAMES[entry.dtype]))
         if name in self.precomputed:
             return self.precomputed[name]
         from quantize.methods.dispatch import quantize_tensor

@@ -213,7 +213,6 @@ def test_output_that_cannot_be_created_is_one_line(tmp_path):
 def test_outputs_that_would_move_the_users_folders_are_refused(tmp_path, monkeypatch):
     from quantize.atomic import OutputError, check_output
     from quantize.errors import QuantizeError
-    from quantize.pipeline import _check_output
 
     link = tmp_path / "link"
     link.symlink_to(tmp_path)
@@ -223,7 +222,7 @@ def test_outputs_that_would_move_the_users_folders_are_refused(tmp_path, monkeyp
     (tmp_path / "f").write_text("")
     for folder in (tmp_path, tmp_path.parent):  # the current folder, and a folder holding it
         with pytest.raises(QuantizeError, match="current folder"):
-            _check_output(folder, overwrite=True)
+            check_output(folder, overwrite=True)
 
 
 def _partial(out: Path, pid: int, **marker) -> Path:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantize.errors import RecipeError
-from quantize.recipe import Recipe, read_yaml
+from quantize.recipe import Recipe, format_validation_error, read_yaml
 
 SWEEP_VERSION = 1
 # Set per variant by the sweep itself: a grid over them would collide in one folder.
@@ -119,42 +119,13 @@ class SweepSpec(_Strict):
         return v
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        model = _model_at(first["loc"][:-1])
-        if model is not None:
-            msg += f"; valid keys: {', '.join(model.model_fields)}"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{path}: {loc}: {msg}{more}"
-
-
-def _model_at(loc) -> type[BaseModel] | None:
-    """The schema class at a validation error's location (list indices skipped)."""
-    model: type[BaseModel] = SweepSpec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        nxt = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if nxt is None:
-            return None
-        model = nxt
-    return model
-
-
 def parse_sweep(data: Any, source: str | Path = "<sweep>") -> SweepSpec:
     if not isinstance(data, dict):
         raise SweepError(f"{source}: a sweep is a YAML mapping, got {type(data).__name__}")
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as e:
-        raise SweepError(_format_error(Path(str(source)), e)) from None
+        raise SweepError(format_validation_error(Path(str(source)), e, SweepSpec)) from None
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
