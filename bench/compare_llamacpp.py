@@ -1,6 +1,7 @@
 """Quality per bit and runtime speed of our GGUF exports against llama.cpp's own quantizer.
 
-    python bench/compare_llamacpp.py                        # tiny trained Gemma 3n, 1 thread
+    python bench/compare_llamacpp.py                        # bench/bench_models.py's tiny model, 1 thread
+    python bench/compare_llamacpp.py --bench-model wide     # its decoder-dominated variant
     python bench/compare_llamacpp.py --model FOLDER --threads 2 --out bench/results
 
 One run, one harness:
@@ -21,7 +22,8 @@ One run, one harness:
    per weight, perplexity, mean KL against the F32 file, top-1 agreement; then prompt (pp) and
    generation (tg) tokens/s, medians over rounds that interleave the files (a shared machine's
    load drifts over minutes, interleaving spreads it evenly).
-5. Results go to ``--out`` as ``compare_llamacpp.json`` and ``compare_llamacpp.md``; the ratio
+5. Results go to ``--out`` as ``compare_llamacpp.json`` and ``compare_llamacpp.md`` (``-wide``
+   for ``--bench-model wide``, bench/bench_models.py's decoder-dominated model); the ratio
    table (ours / llama.cpp) and every missed target ("WORSE") are printed.
 
 Needs llama-cpp-python; the imatrix rows need ``bench/build_llamacpp_tools.sh`` run once (rows
@@ -53,7 +55,9 @@ EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF model folder (default: the tiny trained Gemma 3n)")
+    p.add_argument("--model", default=None, help="HF model folder (default: --bench-model)")
+    p.add_argument("--bench-model", default="tiny", choices=["tiny", "wide"],
+                   help="bench/bench_models.py's model: tiny, or wide (E4B's decoder share); results of wide get a -wide suffix")
     p.add_argument("--threads", type=int, default=1, help="threads for llama.cpp, torch and the tools (default 1)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-compare"), help="GGUF files and logs")
@@ -247,10 +251,10 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model)
     else:
-        from quantize.tiny import cached_tiny
+        from bench.bench_models import bench_model
 
-        with timer("tiny trained model (cached)"):
-            model = cached_tiny("trained")
+        with timer(f"bench model {args.bench_model} (cached)"):
+            model = bench_model(args.bench_model)
     work = Path(args.work) / model.name
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -385,10 +389,11 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("calib_samples", "calib_seq_len", "n_windows", "seq_len",
                                                          "prompt_tokens", "gen_tokens", "rounds")},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    for name, text in (("compare_llamacpp.json", json.dumps(result, indent=1, default=str)), ("compare_llamacpp.md", md)):
+    stem = "compare_llamacpp" + ("-wide" if args.bench_model == "wide" and not args.model else "")
+    for name, text in ((f"{stem}.json", json.dumps(result, indent=1, default=str)), (f"{stem}.md", md)):
         write_text_atomic(out / name, text)
     print(md)
-    print(f"wrote {out / 'compare_llamacpp.json'} and {out / 'compare_llamacpp.md'} ({total / 60:.1f} min)")
+    print(f"wrote {out / stem}.json and .md ({total / 60:.1f} min)")
     return 0
 
 

@@ -1,6 +1,7 @@
 """quantize fit against llama.cpp's named mixes at the same file size, one harness.
 
-    python bench/fit_vs_llamacpp.py                 # tiny trained Gemma 3n, 1 thread
+    python bench/fit_vs_llamacpp.py                 # bench/bench_models.py's tiny model, 1 thread
+    python bench/fit_vs_llamacpp.py --bench-model wide  # its decoder-dominated variant
     python bench/fit_vs_llamacpp.py --reuse         # reuse GGUF files already in --work
 
 1. Our pipeline writes the F32 GGUF (the KL reference) and the F16 GGUF llama.cpp quantizes.
@@ -14,7 +15,8 @@
 5. The KL model is checked against true KL: single-group swaps at types other than the probe
    type, predicted (s_g x e_g(t)) against measured in transformers; Spearman rank correlation
    (target >= 0.8).
-Results: ``--out``/fit_vs_llamacpp.json, .md and the Pareto plot fit_vs_llamacpp.svg.
+Results: ``--out``/fit_vs_llamacpp.json, .md and the Pareto plot fit_vs_llamacpp.svg (``-wide`` for
+``--bench-model wide``: bench/bench_models.py's variant whose decoder holds E4B's share of the weights).
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ TARGET_RHO = 0.8
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF model folder (default: the tiny trained Gemma 3n)")
+    p.add_argument("--model", default=None, help="HF model folder (default: --bench-model)")
+    p.add_argument("--bench-model", default="tiny", choices=["tiny", "wide"],
+                   help="bench/bench_models.py's model: tiny, or wide (E4B's decoder share); results of wide get a -wide suffix")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-fit"))
@@ -79,9 +83,9 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model)
     else:
-        from quantize.tiny import cached_tiny
+        from bench.bench_models import bench_model
 
-        model = cached_tiny("trained")
+        model = bench_model(args.bench_model)
     work = Path(args.work) / model.name
     work.mkdir(parents=True, exist_ok=True)
     calib = calibration_config(argparse.Namespace(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len))
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
 
     cmd = "python bench/fit_vs_llamacpp.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# quantize fit against llama.cpp's mixes at the same file size\n",
-             f"Model `{model.name}`; KL: mean over {base.tokens.shape[0]} held-out windows of {base.tokens.shape[1]} tokens "
+             f"Model `{model.name}` ({args.bench_model if not args.model else 'given'}); KL: mean over {base.tokens.shape[0]} held-out windows of {base.tokens.shape[1]} tokens "
              f"against the F32 GGUF, both sides in llama.cpp (eval's backend). llama.cpp "
              f"{'with imatrix' if imatrix else 'WITHOUT imatrix (tools not built)'}. Fit: {len(groups)} groups, "
              f"probes at {spec.probe} on {args.calib_samples} x {args.calib_seq_len} calibration tokens, measured in "
@@ -175,15 +179,15 @@ def main(argv=None) -> int:
               f"{len(swaps)} single-group swaps at non-probe types: **{rho:.3f}** (target >= {TARGET_RHO}: "
               f"{'met' if rho >= TARGET_RHO else 'MISS'}).", ""]
     lines += [f"Note: {n}" for n in notes]
-    lines += ["Not run: the wider variant whose decoder dominates the weights (stretch goal).", "",
-              "![Pareto](fit_vs_llamacpp.svg)"]
+    stem = "fit_vs_llamacpp" + ("-wide" if args.bench_model == "wide" and not args.model else "")
+    lines += ["", f"![Pareto]({stem}.svg)"]
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
-    write_text_atomic(out / "fit_vs_llamacpp.md", md)
-    write_text_atomic(out / "fit_vs_llamacpp.json", json.dumps(
+    write_text_atomic(out / f"{stem}.md", md)
+    write_text_atomic(out / f"{stem}.json", json.dumps(
         {"command": cmd.strip(), "model": model.name, "imatrix": imatrix, "rows": rows, "swaps": swaps, "spearman": rho,
          "measure_s": round(t_measure, 1), "total_s": round(total, 1), "notes": notes}, indent=1, default=str))
-    write_plot(out / "fit_vs_llamacpp.svg", rows, imatrix)
+    write_plot(out / f"{stem}.svg", rows, imatrix)
     print(md)
     return 0
 

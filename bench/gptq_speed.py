@@ -7,11 +7,14 @@ straightforward reference loop it replaced (``gptq_reference`` in tests/test_met
 The Hessian is the second moment of ``--tokens`` synthetic inputs with correlated columns of
 uneven scale (fewer tokens than columns leaves it singular, as 4 x 512 calibration tokens do on
 E4B's down_proj: the dampening makes it invertible). GPTQ's time does not depend on the values.
-Each shape also checks that both give the same codes and scales. Every side runs in a fresh
-child process: its peak memory is the VmHWM it reaches beyond the inputs, and its CPU seconds
-are reported next to wall seconds because on a shared machine wall time mostly measures the
-neighbours. The Hessian inversion (Cholesky, inverse, Cholesky of the inverse: the same calls on
-both sides, so the same bits) is timed alone as well, to show what is left of the rest.
+Each shape also reports the share of codes both give alike: the column loops are bit-identical
+given the same factor of H^-1 (tests/test_methods.py), but the reference computes that factor in
+three steps (Cholesky, inverse, Cholesky of the inverse) and ours in two (``inverse_cholesky_upper``:
+one Cholesky, one triangular inverse, in place), closer to float64, so a few roundings on the
+edge of a step go the other way. Every side runs in a fresh child process: its peak memory is
+the VmHWM it reaches beyond the inputs, and its CPU seconds are reported next to wall seconds
+because on a shared machine wall time mostly measures the neighbours. Both factorisations are
+also timed alone, to show what is left for the column loop.
 Results: ``--out``/gptq_speed.json and .md.
 """
 from __future__ import annotations
@@ -42,7 +45,8 @@ def parse_args(argv=None):
                    help="on: static groups, as recipes/int4.yaml; off: dynamic groups")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--side", choices=["new", "reference", "inversion"], help=argparse.SUPPRESS)  # child process: one side, one shape
+    p.add_argument("--side", choices=["new", "reference", "inversion", "factor"], help=argparse.SUPPRESS)
+    p.add_argument("--dump", help=argparse.SUPPRESS)  # child: where to save the codes  # child process: one side, one shape
     p.add_argument("--shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -61,9 +65,8 @@ def inputs(rows: int, cols: int, tokens: int):
 
 
 def run_side(args) -> dict:
-    """In a child: time one side on one shape, print a JSON line (codes digest, seconds, peak RSS)."""
-    import hashlib
-
+    """In a child: time one side on one shape, save its codes to ``--dump``, print a JSON line
+    (seconds, peak RSS)."""
     import torch
 
     from quantize.schemes import QuantScheme
@@ -77,20 +80,26 @@ def run_side(args) -> dict:
     if args.side == "inversion":
         h.diagonal().add_(scheme.dampening * torch.diagonal(h).mean())
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        codes = scales = torch.linalg.cholesky(hinv, upper=True)
+        codes = torch.linalg.cholesky(hinv, upper=True)
+    elif args.side == "factor":
+        from quantize.methods.gptq import inverse_cholesky_upper
+
+        h.diagonal().add_(scheme.dampening * torch.diagonal(h).mean())
+        codes = inverse_cholesky_upper(h)[0]
     elif args.side == "new":
         from quantize.methods.gptq import gptq_quantize
 
         q = gptq_quantize("w", w, h, scheme)
         assert "fallback" not in q.info, q.info
-        codes, scales = q.codes, q.scales
+        codes = q.codes
     else:
         from tests.test_methods import gptq_reference
 
-        codes, scales, _ = gptq_reference(w, h, scheme)
+        codes, _, _ = gptq_reference(w, h, scheme)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    digest = hashlib.sha256(codes.numpy().tobytes() + scales.numpy().tobytes()).hexdigest()
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "extra_peak_bytes": _vm("VmHWM") - base, "digest": digest}
+    if args.dump and args.side in ("new", "reference"):
+        torch.save(codes, args.dump)
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "extra_peak_bytes": _vm("VmHWM") - base}
 
 
 def _vm(key: str) -> int:
@@ -111,7 +120,8 @@ def main(argv=None) -> int:
 
     def child(side: str, shape: str, act: str) -> dict:
         cmd = [sys.executable, __file__, "--side", side, "--shape", shape, "--tokens", str(args.tokens),
-               "--group-size", str(args.group_size), "--threads", str(args.threads), "--act-order", act]
+               "--group-size", str(args.group_size), "--threads", str(args.threads), "--act-order", act,
+               "--dump", str(dumps / f"{side}.pt")]
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{side} {shape} act-order {act} failed:\n{out.stderr[-2000:]}")
@@ -119,40 +129,49 @@ def main(argv=None) -> int:
         print(f"{shape} act-order {act} {side}: {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU", flush=True)
         return res
 
+    import tempfile
+
+    import torch
+
+    dumps = Path(tempfile.mkdtemp(prefix="gptq-speed-"))
     rows_out = []
     for shape in args.shapes:
-        inversion = child("inversion", shape, "off")
+        inversion, factor = child("inversion", shape, "off"), child("factor", shape, "off")
         for act in args.act_order:
             r, n = child("reference", shape, act), child("new", shape, act)
+            same = float((torch.load(dumps / "reference.pt") == torch.load(dumps / "new.pt")).float().mean())
             rows_out.append({"shape": shape, "module": NAMES.get(tuple(int(v) for v in shape.split("x")), ""),
                              "act_order": act, "reference": r, "new": n, "inversion_cpu_s": inversion["cpu_s"],
+                             "factor_cpu_s": factor["cpu_s"],
                              "speedup_wall": round(r["wall_s"] / n["wall_s"], 2), "speedup_cpu": round(r["cpu_s"] / n["cpu_s"], 2),
-                             "identical": r["digest"] == n["digest"]})
+                             "same_codes": same})
     cmd = "python bench/gptq_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# GPTQ time on E4B shapes: optimised vs the reference loop it replaced\n",
              f"`{cmd.strip()}`: int4 group {args.group_size}, Hessian from {args.tokens} synthetic tokens, "
              f"{args.threads} thread(s) on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}. CPU s is the fairer measure on a shared machine. "
-             "Inversion: the Hessian's Cholesky, inverse and Cholesky of the inverse alone (CPU s), identical on both "
-             "sides; the rest is the column loop. Peak: memory allocated beyond the inputs (weights and Hessian); the "
+             "Factor CPU s: the factor of H^-1 alone, the reference's three steps / ours. Peak: memory allocated beyond the inputs (weights and Hessian); the "
              "reference copy frees the Hessian and its Cholesky factor once used, as the new code does (the code "
              "before kept all four n x n matrices: 4.9 GB RSS in all at down_proj's shape).\n",
              "| shape (rows x cols) | module | act-order | reference wall s | new wall s | reference CPU s | new CPU s | "
-             "speedup (CPU) | of which inversion CPU s | reference peak GiB | new peak GiB | same codes and scales |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "speedup (CPU) | factor CPU s (reference / ours) | reference peak GiB | new peak GiB | codes alike |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     GiB = 1 << 30
     for r in rows_out:
         ref, new = r["reference"], r["new"]
         lines.append(f"| {r['shape']} | {r['module']} | {r['act_order']} | {ref['wall_s']:.1f} | {new['wall_s']:.1f} | "
-                     f"{ref['cpu_s']:.1f} | {new['cpu_s']:.1f} | {r['speedup_cpu']:.2f}x | {r['inversion_cpu_s']:.1f} | "
+                     f"{ref['cpu_s']:.1f} | {new['cpu_s']:.1f} | {r['speedup_cpu']:.2f}x | {r['inversion_cpu_s']:.1f} / {r['factor_cpu_s']:.1f} | "
                      f"{ref['extra_peak_bytes'] / GiB:.2f} | {new['extra_peak_bytes'] / GiB:.2f} | "
-                     f"{'yes' if r['identical'] else 'NO'} |")
+                     f"{100 * r['same_codes']:.3f}% |")
     md = "\n".join(lines) + "\n"
+    for f in dumps.iterdir():
+        f.unlink()
+    dumps.rmdir()
     out = Path(args.out)
     write_text_atomic(out / "gptq_speed.json", json.dumps({"command": cmd.strip(), "rows": rows_out}, indent=1))
     write_text_atomic(out / "gptq_speed.md", md)
     print(md)
-    return 0 if all(r["identical"] for r in rows_out) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -213,6 +213,10 @@ def test_mixes_follow_llama_cpp_rules():
     assert ch("blk.5.attn_q.weight", 5, "Q4_K_M", cols=2080).qtype == T.Q5_0  # llama.cpp's fallback
     assert ch("blk.5.laurel_l.weight", 5, "Q4_K_M").qtype == T.F16  # never quantized by llama.cpp
     assert ch("altup_proj.weight", None, "Q4_0").qtype == T.F16
+    # llama.cpp's converter (conversion/base.py) writes the AltUp coefficients F32 for any outtype
+    for mix in ("Q4_0", "Q4_K_M", "Q8_0", "F16", "auto"):
+        assert ch("blk.3.altup_correct_coef.weight", 3, mix, cols=4).qtype == T.F32, mix
+        assert ch("blk.3.altup_predict_coef.weight", 3, mix, cols=4).qtype == T.F32, mix
     gptq = resolve_scheme("int4_gptq")
     c = mixes.choose("blk.1.attn_q.weight", 2, 2048, 1, n, "Q4_0", gptq, "BF16")
     assert c.qtype == T.Q4_0 and c.exact

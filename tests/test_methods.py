@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
-from quantize.methods.gptq import gptq_quantize
+from quantize.methods.gptq import gptq_quantize, inverse_cholesky_upper
 from quantize.methods.rtn import quantize_rtn
 from quantize.methods.stats import ActStats, HessianAccumulator
 from quantize.schemes import QuantScheme, resolve_scheme
@@ -250,11 +250,18 @@ def test_gptq_dead_columns_are_rounded_not_lost():
     assert (deq[:, [5, 40]] - w[:, [5, 40]]).abs().max() <= step
 
 
-def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme):
+def three_step_factor(h: torch.Tensor) -> torch.Tensor:
+    """chol(H^-1) as the reference implementation computes it: chol(H), its inverse, chol again."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, factor=three_step_factor):
     """GPTQ as it was before it was made fast: a plain transcription of Frantar et al. (arXiv
     2210.17323) Algorithm 1 with lazy batch updates, act-order and static groups, in the float
-    operations of ``methods/gptq.py`` as of commit 8d56f78. The optimised code must give the
-    same codes, scales and zero points bit for bit. Returns (codes, scales, zeros)."""
+    operations of ``methods/gptq.py`` as of commit 8d56f78, with the upper Cholesky factor of
+    H^-1 from ``factor`` (the reference's three steps by default). Given the same factor, the
+    optimised column loop must give the same codes, scales and zero points bit for bit.
+    Returns (codes, scales, zeros)."""
     from quantize.methods.rtn import int_scales, symmetric_range
 
     w = weight.detach().to(torch.float32).clone()
@@ -276,11 +283,8 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSch
         w = w[:, perm]
         h = h[perm][:, perm]
     h.diagonal().add_(scheme.dampening * torch.diagonal(h).mean())
-    chol = torch.linalg.cholesky(h)
-    del h  # only memory: keeps the E4B-sized bench run of this copy near the new code's peak
-    hinv = torch.cholesky_inverse(chol)
-    del chol
-    hinv = torch.linalg.cholesky(hinv, upper=True)
+    hinv = factor(h)
+    del h
     orig_idx = perm.tolist() if perm is not None else list(range(cols))
     lo_q, hi_q = symmetric_range(bits) if sym else (0, (1 << bits) - 1)
     codes = torch.zeros(rows, cols, dtype=torch.int16)
@@ -360,11 +364,43 @@ def test_gptq_matches_reference_bit_for_bit(trained_layer, module, act_order, sy
         scheme = QuantScheme(type="int4", method="gptq", group_size=group_size, symmetric=symmetric,
                              act_order=act_order, block_size=block)
         got = gptq_quantize("w", w, h, scheme)
-        codes, scales, zeros = gptq_reference(w, h, scheme)
+        codes, scales, zeros = gptq_reference(w, h, scheme, factor=lambda m: inverse_cholesky_upper(m.clone())[0])
         assert "fallback" not in got.info
         assert got.codes.dtype == codes.dtype and torch.equal(got.codes, codes), (module, block)
         assert torch.equal(got.scales, scales), (module, block)
         assert (zeros is None and got.zero_points is None) or torch.equal(got.zero_points, zeros), (module, block)
+
+
+@pytest.mark.parametrize("module", ["q_proj", "down_proj"])
+def test_gptq_factor_is_chol_of_inverse_and_closer_to_float64(trained_layer, module):
+    """``inverse_cholesky_upper`` (one Cholesky of J H J and one triangular inverse) gives the
+    upper factor of H^-1 that the reference's three steps give, at least as accurately against
+    a float64 computation of the same, on LAPACK's in-place path and on torch's path; and GPTQ
+    with it keeps the reference's codes but for a few roundings on the edge of a step."""
+    w, h = trained_layer[module]
+    h = h.clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(0.01 * torch.diagonal(h).mean())
+    exact = three_step_factor(h.double())
+    err = lambda u: float((u.double() - exact).norm() / exact.norm())
+    old = err(three_step_factor(h))
+    lapack_u, info = inverse_cholesky_upper(h.clone())
+    torch_u, info2 = inverse_cholesky_upper(h.clone().t())  # a transposed (non-contiguous) view: torch's path
+    assert info == info2 == 0
+    for u in (lapack_u, torch_u):
+        assert torch.equal(u, u.triu())
+        assert err(u) <= 1.05 * old, (err(u), old)
+    scheme = QuantScheme(type="int4", method="gptq", group_size=32, act_order=True)
+    a, _, _ = gptq_reference(w, trained_layer[module][1], scheme)
+    b, _, _ = gptq_reference(w, trained_layer[module][1], scheme, factor=lambda m: inverse_cholesky_upper(m.clone())[0])
+    assert (a != b).float().mean() < 1e-3
+
+
+def test_gptq_factor_reports_the_failing_column():
+    h = torch.diag(torch.tensor([1.0, 2.0, -1.0, 3.0]))
+    assert inverse_cholesky_upper(h.clone())[1] == 3 == int(torch.linalg.cholesky_ex(h)[1])
+    assert inverse_cholesky_upper(h.clone().t())[1] == 3
 
 
 # ---------------------------------------------------------------- AWQ

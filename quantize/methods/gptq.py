@@ -37,6 +37,56 @@ class HessianShapeError(QuantizeError):
     """The Hessian given for a tensor does not match its input width."""
 
 
+def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) that GPTQ's column loop reads, and
+    0 or, where H is not positive definite, the column (1-based) where its Cholesky failed. ``h`` (symmetric) is consumed:
+    on the CPU its memory becomes U's.
+
+    The reference implementation takes three n^3-order steps: L = chol(H), H^-1 from L
+    (``cholesky_inverse``: a triangular inverse and a product), then chol(H^-1). With J the
+    reversal permutation and J H J = M M^T (M lower), H^-1 = J M^-T M^-1 J = U^T U with
+    U = J M^-1 J upper triangular: one Cholesky and one triangular inverse, n^3/3 flops each,
+    half the work (E4B's 16384-wide down_proj spent 78 of its 90 CPU seconds in the three
+    steps) and, measured against float64, a smaller rounding error. On the CPU both run in
+    LAPACK in place (``spotrf``, ``strtri``), so no n x n matrix besides ``h`` is allocated
+    (1 GiB each for that down_proj); elsewhere torch's Cholesky and a triangular solve."""
+    n = h.shape[0]
+    if h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous():
+        from scipy.linalg import lapack
+
+        _reverse_both_axes_(h)
+        a = h.numpy().T  # Fortran order over h's memory: J H J again, by symmetry
+        c, info = lapack.spotrf(a, lower=1, overwrite_a=1, clean=1)
+        if info != 0:
+            return h, n - int(info) + 1  # the column in H's own order
+        c, info = lapack.strtri(c, lower=1, overwrite_c=1)
+        if info != 0:
+            return h, -1  # not reached: a successful Cholesky has a non-zero diagonal
+        minv = torch.from_numpy(c)  # M^-1, column-major: h's memory when LAPACK worked in place
+        _reverse_both_axes_(minv)
+        return minv, 0
+    m, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        return m, n - int(info) + 1
+    eye = torch.eye(n, dtype=m.dtype, device=m.device)
+    minv = torch.linalg.solve_triangular(m, eye, upper=False)
+    del m, eye
+    return minv.flip(0, 1), 0
+
+
+def _reverse_both_axes_(t: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """J T J in place for a dense (row- or column-major) square matrix: element (i, j) moves to
+    (n-1-i, n-1-j), which in either layout is the flat storage reversed; swapped in chunks."""
+    v = t.numpy().reshape(-1, order="A")
+    n = v.size
+    half = n // 2
+    for a in range(0, half, chunk):
+        b = min(a + chunk, half)
+        head = v[a:b].copy()
+        v[a:b] = v[n - b:n - a][::-1]
+        v[n - b:n - a] = head[::-1]
+
+
 def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
     if scheme.type not in ("int4", "int8"):
         raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
@@ -74,14 +124,11 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     # One n x n matrix more than needed is alive at any time (E4B's down_proj: 1 GiB each).
     damp = scheme.dampening * torch.diagonal(h).mean()
     h.diagonal().add_(damp)
-    chol, info = torch.linalg.cholesky_ex(h)
+    hinv, info = inverse_cholesky_upper(h)
     del h
-    if info.item() != 0:
-        return _fallback(name, weight, scheme, hessian, f"hessian not positive definite (cholesky failed at column {info.item()}) after dampening {scheme.dampening}")
-    hinv = torch.cholesky_inverse(chol)
-    del chol
-    hinv, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if info.item() != 0 or not torch.isfinite(hinv).all():
+    if info != 0:
+        return _fallback(name, weight, scheme, hessian, f"hessian not positive definite (cholesky failed at column {info}) after dampening {scheme.dampening}")
+    if not torch.isfinite(hinv).all():
         return _fallback(name, weight, scheme, hessian, "inverse hessian not positive definite")
 
     codes_t, loss = _quantize_columns(w, hinv, scales, zeros, perm, g_size, bits, block=scheme.block_size)

@@ -5,6 +5,9 @@ Rules taken from llama.cpp for the tensors Gemma 3n has:
 
 - never quantized: 1-D tensors, ``*_norm.weight``, ``altup*``, ``laurel*`` and
   ``per_layer_model_proj`` (llama.cpp keeps the converter's F16; F32 under the F32 mix);
+- ``altup_correct_coef`` and ``altup_predict_coef`` are F32 whatever the mix: llama.cpp's
+  converter writes them so for every ``--outtype`` (``conversion/base.py``, its always-F32 list),
+  and ``llama-quantize`` keeps them; kept (not quantized) under ``auto`` too;
 - ``token_embd`` and ``per_layer_token_embd`` (embeddings are tied, so they count as the output
   tensor): Q6_K unless the mix is Q8_0 (or a float mix); settable per file;
 - ``attn_v`` and ``ffn_down`` get Q6_K in "more bits" layers under Q4_K_M / Q5_K_M
@@ -48,6 +51,7 @@ TYPE_FILE_TYPE = {
 FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 FLOATS = (T.F32, T.F16, T.BF16)
 NEVER_QUANTIZED = ("_norm.weight", "altup", "laurel", "per_layer_model_proj")
+ALWAYS_F32 = ("altup_correct_coef", "altup_predict_coef")
 EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
 
 
@@ -132,6 +136,9 @@ def choose(
         if not fits(t, cols):
             return Choice(with_fallback(t, cols), note=f"{override} does not fit {cols} columns; fell back")
         return Choice(t, exact=(t == exact))
+    kept = scheme is None or not scheme.is_quantized
+    if any(k in gguf_name for k in ALWAYS_F32) and (mix != "auto" or kept):
+        return Choice(T.F32)
     if any(k in gguf_name for k in NEVER_QUANTIZED) and mix != "auto":
         return Choice(float_type(mix, source_dtype))
 

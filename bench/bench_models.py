@@ -1,0 +1,154 @@
+"""The benchmarks' two models, and the check that they are trained enough to tell GGUF types apart.
+
+    python bench/bench_models.py                 # build (once, cached) and check both
+    python bench/bench_models.py --models wide
+
+- ``tiny``: the tiny Gemma 3n (quantize/tiny.py's shapes: hidden 256, FFN 512, the per-layer
+  table 55% of the text weights), trained 1500 steps instead of the test fixture's 240.
+- ``wide``: the same with E4B's FFN ratio (FFN 2048 = 8 x hidden), so that, as in E4B, the
+  decoder layers hold most of the text weights (62%; E4B 56%) and the per-layer table about a
+  third (34%; E4B 34%). On the tiny model the tied output layer dominates the KL and hides the
+  decoder; here the decoder has the weight it has in E4B.
+
+Both are ``quantize.tiny.cached_tiny("trained", ...)`` builds (deterministic, content-hashed,
+cached under ~/.cache/gemma3n-quantize). A model undertrained on the embedded corpus gives
+llama.cpp's Q4_0 and Q4_K_M the same KL (the test fixture: 0.96x), where real models differ by
+2x or more (Llama-3-8B: 0.0719 vs 0.0313, llama.cpp PR #6936). The check: llama.cpp's plain
+Q4_0 and Q4_K_M of each model, mean KL against its F32 GGUF on held-out text, in llama.cpp;
+the target is Q4_0 / Q4_K_M >= 1.5. Also reported: the same with both embedding tables kept in
+F16 (the decoder's own share) and the weight shares. Results: ``--out``/bench_models.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# name -> quantize.tiny.TinySpec overrides (flavour "trained")
+BENCH_MODELS = {
+    "tiny": {"train_steps": 1500},
+    "wide": {"intermediate_size": 2048, "train_steps": 1500},
+}
+TARGET_RATIO = 1.5
+
+
+def bench_model(name: str) -> Path:
+    """The folder of a bench model, built on first use (tiny: ~20 min, wide: ~35 min on one core)."""
+    from quantize.tiny import cached_tiny
+
+    if name not in BENCH_MODELS:
+        raise SystemExit(f"unknown bench model {name!r}; valid: {', '.join(BENCH_MODELS)}")
+    return cached_tiny("trained", **BENCH_MODELS[name])
+
+
+def weight_shares(model: Path) -> dict:
+    """Shares of the text weights: decoder layers, per-layer table, token embedding, the rest."""
+    from safetensors import safe_open
+
+    n = {"decoder_layers": 0, "per_layer_table": 0, "token_embedding": 0, "other": 0}
+    dead = set()
+    cfg = json.loads((model / "config.json").read_text())["text_config"]
+    first_shared = cfg["num_hidden_layers"] - cfg["num_kv_shared_layers"]
+    for i in range(first_shared, cfg["num_hidden_layers"]):  # dead K/V of KV consumers: no weights of the model
+        dead |= {f"model.language_model.layers.{i}.self_attn.{p}.weight" for p in ("k_proj", "v_proj", "k_norm")}
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            if not k.startswith("model.language_model.") or k in dead:
+                continue
+            size = 1
+            for d in f.get_slice(k).get_shape():
+                size *= d
+            kind = ("per_layer_table" if "embed_tokens_per_layer" in k else "token_embedding" if "embed_tokens" in k
+                    else "decoder_layers" if ".layers." in k else "other")
+            n[kind] += size
+    total = sum(n.values())
+    return {"weights": total, **{k: round(v / total, 3) for k, v in n.items()}}
+
+
+def check(model: Path, work: Path, threads: int, seq_len: int, n_windows: int) -> dict:
+    """llama.cpp's plain Q4_0 and Q4_K_M (and the same with F16 tables): mean KL vs the F32 GGUF."""
+    from bench import llamacpp_tools as lt
+    from bench.compare_llamacpp import calibration_config, kl_base_from_gguf, our_recipe, quality_of, run_ours
+    from eval.run import RunSettings
+
+    work.mkdir(parents=True, exist_ok=True)
+    calib = calibration_config(argparse.Namespace(calib_samples=4, calib_seq_len=128))  # unused: F32/F16 only
+    f32 = run_ours(our_recipe("reference-f32", model, work, {}, "F32", calib), True)
+    f16 = run_ours(our_recipe("reference-f16", model, work, {}, "F16", calib), True)
+    base = kl_base_from_gguf(f32, model, RunSettings(seq_len=seq_len, n_windows=n_windows), threads)
+    tools = lt.find_tools(ROOT / ".cache" / "llama.cpp-tools" / "tools.json")
+    kl, ppl = {}, quality_of(f32, base, threads, seq_len)["ppl"]
+    for qt in ("Q4_0", "Q4_K_M"):
+        dst = work / f"llamacpp-{qt}.gguf"
+        if not dst.exists():
+            lt.quantize_plain(f16, dst, qt, threads)
+        kl[qt] = quality_of(dst, base, threads, seq_len)["kl"]["mean"]
+        if tools.has("llama-quantize"):
+            dst = work / f"llamacpp-{qt}-f16-tables.gguf"
+            if not dst.exists():
+                lt.run_tool([tools.exe("llama-quantize"), "--allow-requantize", "--token-embedding-type", "f16",
+                             "--tensor-type", "per_layer_token_embd=f16", f16, dst, qt, threads])
+            kl[f"{qt} (F16 tables)"] = quality_of(dst, base, threads, seq_len)["kl"]["mean"]
+    res = {"heldout_ppl": ppl, "kl_mean": kl, "ratio": kl["Q4_0"] / kl["Q4_K_M"]}
+    if "Q4_0 (F16 tables)" in kl:
+        res["ratio_f16_tables"] = kl["Q4_0 (F16 tables)"] / kl["Q4_K_M (F16 tables)"]
+    return res
+
+
+def main(argv=None) -> int:
+    from bench.compare_llamacpp import quiet_bench_process
+    from eval.atomic_file import write_text_atomic
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(BENCH_MODELS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--n-windows", type=int, default=8)
+    p.add_argument("--work", default=str(ROOT / ".cache" / "bench-models"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    quiet_bench_process(args.threads)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    jpath = out / "bench_models.json"
+    rows = {r["name"]: r for r in (json.loads(jpath.read_text())["rows"] if jpath.exists() else [])}
+    for name in args.models:
+        model = bench_model(name)
+        r = {"name": name, "folder": model.name, "spec": BENCH_MODELS[name], **weight_shares(model),
+             **check(model, Path(args.work) / model.name, args.threads, args.seq_len, args.n_windows)}
+        rows[name] = r
+        print(f"{name}: Q4_0 / Q4_K_M KL {r['ratio']:.2f} (target >= {TARGET_RATIO})", flush=True)
+    cmd = "python bench/bench_models.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "# The bench models: weight shares and whether llama.cpp's Q4_0 and Q4_K_M differ on them", "",
+        f"`{cmd.strip()}` (last run), {args.n_windows} held-out windows of {args.seq_len} tokens, mean KL against "
+        f"the F32 GGUF in llama.cpp, plain llama.cpp quantization (no imatrix), {args.threads} thread(s), "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}, {(time.perf_counter() - t0) / 60:.1f} min. \"F16 tables\": the "
+        "same types with the token embedding (also the output layer) and the per-layer table kept in F16, i.e. "
+        "the decoder's own share of the KL. E4B for comparison: decoder layers 56%, per-layer table 34%, token "
+        "embedding 8% of the text weights.", "",
+        "| model | spec | held-out ppl | text weights | decoder layers | per-layer table | token embedding | KL Q4_0 | KL Q4_K_M | "
+        "Q4_0 / Q4_K_M | target (>= 1.5) | same, F16 tables |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows.values():
+        kl = r["kl_mean"]
+        lines.append(f"| {r['name']} | `{json.dumps(r['spec'])}` | {r['heldout_ppl']:.1f} | {r['weights'] / 1e6:.1f}M | {r['decoder_layers']:.0%} | "
+                     f"{r['per_layer_table']:.0%} | {r['token_embedding']:.0%} | {kl['Q4_0']:.3e} | {kl['Q4_K_M']:.3e} | "
+                     f"{r['ratio']:.2f} | {'met' if r['ratio'] >= TARGET_RATIO else 'MISSED'} | "
+                     f"{r.get('ratio_f16_tables', float('nan')):.2f} |")
+    write_text_atomic(jpath, json.dumps({"command": cmd.strip(), "rows": list(rows.values())}, indent=1))
+    write_text_atomic(out / "bench_models.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Calibrated int4 on E4B shapes: our GPTQ run against llama.cpp's convert + imatrix + quantize.
+
+    python bench/e4b_calibrated.py                       # 4 x 512 calibration tokens, 35 layers
+    python bench/e4b_calibrated.py --calib 4x512 32x512  # both token counts of issue 13
+    python bench/e4b_calibrated.py --size e4b-2          # E4B widths, 2 layers (a quick check)
+
+One checkpoint of E4B's real text shapes (bench/synthetic_e4b.py, random bf16; the one
+bench/conversion_cost.py keeps with ``--keep-checkpoint`` is reused), then per calibration size,
+each side as its own child process, wall time and peak RSS as bench/conversion_cost.py measures
+them (the kernel's ``VmHWM`` of every process in the tree):
+
+- ours: ``python -m quantize run`` of recipes/int4.yaml (GPTQ int4 act-order on the text
+  decoder, the shipped embedding and per-layer table types), text calibration only on
+  N x L embedded tokens, a text GGUF only (no mmproj, no safetensors, ``--no-eval``);
+- llama.cpp: ``convert_hf_to_gguf.py --outtype f16``, ``llama-imatrix`` over the same N x L
+  tokens (our calibration samples decoded to text, chunks of L), ``llama-quantize --imatrix
+  ... Q4_0``; its wall time is the sum, its peak the largest of the three.
+
+Targets (issue 13): ours at most 0.35x llama.cpp's peak RSS and 1.5x its wall time. CPU seconds
+(user + system of each side's processes) are reported too: on a shared machine wall time also
+counts the neighbours' share of the cores, CPU time much less so.
+Results: ``--out``/e4b_calibrated.json and .md (rows of earlier runs with other calibration
+sizes are kept; a rerun of a size replaces its row).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GiB = 2**30
+TARGET_RSS, TARGET_WALL = 0.35, 1.5
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="e4b", help="e4b (35 layers) or e4b-N (E4B widths, N layers)")
+    p.add_argument("--calib", nargs="+", default=["4x512"], help="calibration sizes, samples x tokens")
+    p.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (both sides)")
+    p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"),
+                   help="where the synthetic checkpoint lives (shared with bench/conversion_cost.py)")
+    p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return p.parse_args(argv)
+
+
+def parse_calib(s: str) -> tuple[int, int]:
+    try:
+        n, length = (int(x) for x in s.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--calib {s!r}: expected SAMPLESxTOKENS, e.g. 4x512") from None
+    return n, length
+
+
+def our_recipe(model: Path, out: Path, n: int, length: int, force: bool) -> dict:
+    """recipes/int4.yaml with this bench's model, output, calibration and exports."""
+    import yaml
+
+    r = yaml.safe_load((ROOT / "recipes" / "int4.yaml").read_text())
+    r.update(name=out.name, model=str(model), output=str(out))
+    r["calibration"] = {"text": {"source": "embedded", "n_samples": n, "seq_len": length},
+                        "images": {"n_samples": 0}, "audio": {"n_samples": 0}}
+    # the synthetic checkpoint carries the tiny model's towers: kept, so the text side is what is timed
+    r["towers"].update(vision="keep", audio="keep")
+    r["exports"] = {"gguf": {**r["exports"]["gguf"], "mmproj": False, "force": force}}
+    r.pop("eval", None)
+    return r
+
+
+def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict:
+    from bench.compare_llamacpp import write_calibration_text
+    from bench.conversion_cost import measure  # raises with the log's tail when a step fails
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+    layers = json.loads((model / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    sw = work / f"calibrated-{n}x{length}"
+    if sw.exists():
+        shutil.rmtree(sw)
+    sw.mkdir(parents=True)
+    res: dict = {"calib": f"{n}x{length}", "tokens": n * length, "layers": layers}
+
+    out = sw / "ours"
+    recipe = sw / "ours.yaml"
+    recipe.write_text(json.dumps(our_recipe(model, out, n, length, force=layers != 35)))  # JSON is YAML
+    print(f"[{n}x{length}] ours: quantize run (GPTQ) ...", flush=True)
+    m = measure([sys.executable, "-m", "quantize", "run", recipe, "--no-eval"], env, sw / "ours.log")
+    m["gguf_bytes"] = sum(f.stat().st_size for f in out.glob("*.gguf"))
+    res["ours"] = m
+    print(f"[{n}x{length}] ours: {m['wall_s']:.1f} s, peak {m['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+    # the same samples our run calibrated on, as text for llama-imatrix (chunks of `length`)
+    cal = {"text": {"source": "embedded", "n_samples": n, "seq_len": length}, "images": {"n_samples": 0},
+           "audio": {"n_samples": 0}}
+    text = sw / "calibration.txt"
+    res["calibration_text"] = write_calibration_text(model, cal, text)
+    res["calibration_text"]["path"] = text.name
+    f16, imat, q4 = sw / "llamacpp-F16.gguf", sw / "imatrix.gguf", sw / "llamacpp-Q4_0.gguf"
+    steps = {
+        "convert": ([sys.executable, tools.converter, model, "--outtype", "f16", "--outfile", f16],
+                    dict(env, PYTHONPATH=f"{tools.gguf_py}")),
+        "imatrix": ([tools.exe("llama-imatrix"), "-m", f16, "-f", text, "-o", imat, "-c", length, "-b", length,
+                     "-t", args.threads, "-ngl", 0, "--no-ppl", "--chunks", n], env),
+        "quantize": ([tools.exe("llama-quantize"), "--allow-requantize", "--imatrix", imat, f16, q4, "Q4_0",
+                      args.threads], env),
+    }
+    lc: dict = {}
+    for step, (cmd, step_env) in steps.items():
+        print(f"[{n}x{length}] llama.cpp {step} ...", flush=True)
+        lc[step] = measure(cmd, step_env, sw / f"llamacpp-{step}.log")
+        print(f"[{n}x{length}] llama.cpp {step}: {lc[step]['wall_s']:.1f} s, "
+              f"peak {lc[step]['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    lc["wall_s"] = round(sum(lc[s]["wall_s"] for s in steps), 2)
+    lc["cpu_s"] = round(sum(lc[s]["cpu_s"] for s in steps), 2)
+    lc["peak_rss_bytes"] = max(lc[s]["peak_rss_bytes"] for s in steps)
+    lc["gguf_bytes"] = q4.stat().st_size
+    res["llamacpp"] = lc
+    res["ratio"] = {"wall": m["wall_s"] / lc["wall_s"], "cpu": m["cpu_s"] / lc["cpu_s"],
+                    "peak_rss": m["peak_rss_bytes"] / lc["peak_rss_bytes"]}
+    res["load_average"] = os.getloadavg()
+    for f in (f16, imat, q4):
+        f.unlink(missing_ok=True)
+    return res
+
+
+def verdict(r: dict) -> str:
+    miss = [what for what, ok in (("RSS", r["ratio"]["peak_rss"] <= TARGET_RSS),
+                                  ("wall time", r["ratio"]["wall"] <= TARGET_WALL)) if not ok]
+    return "met" if not miss else "MISSED: " + " and ".join(miss)
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| calibration | layers | ours wall s (CPU s) | ours peak GiB | llama.cpp wall s (convert + imatrix + quantize; "
+             "CPU s) | llama.cpp peak GiB | wall ratio | CPU ratio | RSS ratio | target (<= 1.5x wall, <= 0.35x RSS) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lc = r["llamacpp"]
+        parts = " + ".join(f"{lc[s]['wall_s']:.0f}" for s in ("convert", "imatrix", "quantize"))
+        lines.append(f"| {r['calib']} | {r['layers']} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
+                     f"{r['ours']['peak_rss_bytes'] / GiB:.2f} | {lc['wall_s']:.0f} ({parts}; {lc['cpu_s']:.0f}) | "
+                     f"{lc['peak_rss_bytes'] / GiB:.2f} | {r['ratio']['wall']:.2f} | {r['ratio']['cpu']:.2f} | "
+                     f"{r['ratio']['peak_rss']:.3f} | {verdict(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from bench import llamacpp_tools as lt
+    from bench.conversion_cost import size_model
+    from eval.atomic_file import write_text_atomic
+
+    args = parse_args(argv)
+    calibs = [parse_calib(c) for c in args.calib]
+    tools = lt.find_tools(args.tools)
+    for exe in ("llama-imatrix", "llama-quantize"):
+        if not tools.has(exe) or tools.converter is None:
+            raise SystemExit(f"{exe} or convert_hf_to_gguf.py is not built; run bench/build_llamacpp_tools.sh first")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model, why = size_model(args.size, work)
+    if model is None:
+        raise SystemExit(f"size {args.size}: {why}")
+    out = Path(args.out)
+    jpath = out / "e4b_calibrated.json"
+    old = json.loads(jpath.read_text())["rows"] if jpath.exists() else []
+    rows = {(r["calib"], r["layers"]): r for r in old}
+    for n, length in calibs:
+        r = run_calib(model, n, length, args, tools, work)
+        rows[(r["calib"], r["layers"])] = r
+        print(f"[{n}x{length}] wall ratio {r['ratio']['wall']:.2f}, RSS ratio {r['ratio']['peak_rss']:.3f}: {verdict(r)}",
+              flush=True)
+    ordered = sorted(rows.values(), key=lambda r: (-r["layers"], r["tokens"]))
+    cmd = "python bench/e4b_calibrated.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = os.getloadavg()[0]
+    header = (f"# Calibrated int4 on E4B shapes: ours vs llama.cpp\n\n`{cmd.strip()}` (last run), {args.threads} threads "
+              f"on {os.cpu_count()} cores, load average {load:.1f} at the end, "
+              f"{datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py (E4B's text shapes, random "
+              "bf16). Ours: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, streamed calibration, text "
+              "GGUF). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
+              "imatrix. Peak: the largest VmHWM of any process in each side's tree.")
+    md = markdown(ordered, header)
+    write_text_atomic(jpath, json.dumps({"command": cmd.strip(), "rows": ordered}, indent=1))
+    write_text_atomic(out / "e4b_calibrated.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
