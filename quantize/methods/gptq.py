@@ -47,7 +47,8 @@ def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
     reversal permutation and J H J = M M^T (M lower), H^-1 = J M^-T M^-1 J = U^T U with
     U = J M^-1 J upper triangular: one Cholesky and one triangular inverse, n^3/3 flops each,
     half the work (E4B's 16384-wide down_proj spent 78 of its 90 CPU seconds in the three
-    steps) and, measured against float64, a smaller rounding error. On the CPU both run in
+    steps; these two take 28) with the same accuracy against float64 (0.8x-1.3x the reference's
+    error, measured on trained layers' Hessians). On the CPU both run in
     LAPACK in place (``spotrf``, ``strtri``), so no n x n matrix besides ``h`` is allocated
     (1 GiB each for that down_proj); elsewhere torch's Cholesky and a triangular solve."""
     n = h.shape[0]
