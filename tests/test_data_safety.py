@@ -86,7 +86,10 @@ def _start(recipe: Path, out: Path) -> subprocess.Popen:
         assert p.poll() is None, p.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the run never created its partial folder"
         time.sleep(0.05)
-    time.sleep(1.0)  # into the writing
+    # The partial folder exists once writing starts, and writing takes seconds: signal at once.
+    # (A fixed 1 s wait raced the end of the run: in two full-suite runs the signal landed as
+    # the run finished and it exited 0.)
+    time.sleep(0.1)
     assert p.poll() is None, "the run ended before it could be interrupted"
     return p
 
