@@ -78,18 +78,19 @@ def _assert_complete(out: Path) -> None:
 
 def _start(recipe: Path, out: Path) -> subprocess.Popen:
     """Start a run and return once it is writing into its partial folder."""
+    # A shell that starts a job in the background (`pytest &`) leaves SIGINT ignored, children
+    # inherit that, and Python then installs no KeyboardInterrupt handler: give the run the
+    # default disposition, as an interactive terminal does.
     p = subprocess.Popen([sys.executable, "-m", "quantize", "run", str(recipe)], cwd=ROOT, env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = out.parent / f".{out.name}.partial-{p.pid}"
     deadline = time.monotonic() + 300
     while not partial.exists():
         assert p.poll() is None, p.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "the run never created its partial folder"
         time.sleep(0.05)
-    # The partial folder exists once writing starts, and writing takes seconds: signal at once.
-    # (A fixed 1 s wait raced the end of the run: in two full-suite runs the signal landed as
-    # the run finished and it exited 0.)
-    time.sleep(0.1)
+    time.sleep(1.0)  # into the writing
     assert p.poll() is None, "the run ended before it could be interrupted"
     return p
 

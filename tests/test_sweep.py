@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -312,11 +313,14 @@ def test_ctrl_c_cancels_and_leaves_only_complete_variants(cluster, tmp_path, cap
 
     h = InterruptAfterFirst()
     logging.getLogger("quantize.sweep").addHandler(h)
+    # interrupt_main does nothing while SIGINT is ignored, as in a job a shell started with `&`
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             _run_sweep(path, caplog)
     finally:
         logging.getLogger("quantize.sweep").removeHandler(h)
+        signal.signal(signal.SIGINT, previous)
     from quantize import sweep
 
     _, variants = sweep.load(path)
