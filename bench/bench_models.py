@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -105,7 +104,7 @@ def check(model: Path, work: Path, threads: int, seq_len: int, n_windows: int) -
 
 def main(argv=None) -> int:
     from bench.compare_llamacpp import quiet_bench_process
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(BENCH_MODELS), choices=list(BENCH_MODELS))
@@ -144,8 +143,7 @@ def main(argv=None) -> int:
                      f"{r['per_layer_table']:.0%} | {r['token_embedding']:.0%} | {kl['Q4_0']:.3e} | {kl['Q4_K_M']:.3e} | "
                      f"{r['ratio']:.2f} | {'met' if r['ratio'] >= TARGET_RATIO else 'MISSED'} | "
                      f"{r.get('ratio_f16_tables', float('nan')):.2f} |")
-    write_text_atomic(jpath, json.dumps({"command": cmd.strip(), "rows": list(rows.values())}, indent=1))
-    write_text_atomic(out / "bench_models.md", "\n".join(lines) + "\n")
+    write_results(out, "bench_models", {"command": cmd.strip(), "rows": list(rows.values())}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

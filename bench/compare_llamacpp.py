@@ -32,7 +32,6 @@ are skipped, with a message, where the tools are missing). Runs offline.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -239,7 +238,7 @@ def quiet_bench_process(threads: int, quiet=("httpx", "urllib3", "transformers",
 
 
 def main(argv=None) -> int:
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     args = parse_args(argv)
     quiet_bench_process(args.threads)
@@ -390,8 +389,7 @@ def main(argv=None) -> int:
                                                          "prompt_tokens", "gen_tokens", "rounds")},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     stem = "compare_llamacpp" + ("-wide" if args.bench_model == "wide" and not args.model else "")
-    for name, text in ((f"{stem}.json", json.dumps(result, indent=1, default=str)), (f"{stem}.md", md)):
-        write_text_atomic(out / name, text)
+    write_results(out, stem, result, md)
     print(md)
     print(f"wrote {out / stem}.json and .md ({total / 60:.1f} min)")
     return 0

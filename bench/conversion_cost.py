@@ -373,7 +373,7 @@ def markdown(results: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> int:
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     args = parse_args(argv)
     from bench.llamacpp_tools import find_tools
@@ -396,10 +396,8 @@ def main(argv=None) -> int:
               "have, how many have the same GGUF type (the differing ones are listed in the json).")
     md = markdown(results, header)
     out = Path(args.out)
-    for name, text in (("conversion_cost.json", json.dumps({"command": cmd.strip(), "threads": args.threads,
-                                                               "types": args.types, "results": results}, indent=1, default=str)),
-                       ("conversion_cost.md", md)):
-        write_text_atomic(out / name, text)
+    write_results(out, "conversion_cost", {"command": cmd.strip(), "threads": args.threads, "types": args.types,
+                                           "results": results}, md)
     print(md)
     return 0
 

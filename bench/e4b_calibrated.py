@@ -155,7 +155,7 @@ def markdown(rows: list[dict], header: str) -> str:
 def main(argv=None) -> int:
     from bench import llamacpp_tools as lt
     from bench.conversion_cost import size_model
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     args = parse_args(argv)
     calibs = [parse_calib(c) for c in args.calib]
@@ -187,8 +187,7 @@ def main(argv=None) -> int:
               "GGUF). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
               "imatrix. Peak: the largest VmHWM of any process in each side's tree.")
     md = markdown(ordered, header)
-    write_text_atomic(jpath, json.dumps({"command": cmd.strip(), "rows": ordered}, indent=1))
-    write_text_atomic(out / "e4b_calibrated.md", md)
+    write_results(out, "e4b_calibrated", {"command": cmd.strip(), "rows": ordered}, md)
     print(md)
     return 0
 

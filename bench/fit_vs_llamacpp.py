@@ -21,7 +21,6 @@ Results: ``--out``/fit_vs_llamacpp.json, .md and the Pareto plot fit_vs_llamacpp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
@@ -64,7 +63,7 @@ def spearman(a, b) -> float:
 
 
 def main(argv=None) -> int:
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     args = parse_args(argv)
     from bench.compare_llamacpp import quiet_bench_process
@@ -183,10 +182,9 @@ def main(argv=None) -> int:
     lines += ["", f"![Pareto]({stem}.svg)"]
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
-    write_text_atomic(out / f"{stem}.md", md)
-    write_text_atomic(out / f"{stem}.json", json.dumps(
-        {"command": cmd.strip(), "model": model.name, "imatrix": imatrix, "rows": rows, "swaps": swaps, "spearman": rho,
-         "measure_s": round(t_measure, 1), "total_s": round(total, 1), "notes": notes}, indent=1, default=str))
+    write_results(out, stem, {"command": cmd.strip(), "model": model.name, "imatrix": imatrix, "rows": rows, "swaps": swaps,
+                              "spearman": rho, "measure_s": round(t_measure, 1), "total_s": round(total, 1),
+                              "notes": notes}, md)
     write_plot(out / f"{stem}.svg", rows, imatrix)
     print(md)
     return 0

@@ -110,7 +110,7 @@ def _vm(key: str) -> int:
 
 
 def main(argv=None) -> int:
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     args = parse_args(argv)
     if args.side:
@@ -168,8 +168,7 @@ def main(argv=None) -> int:
         f.unlink()
     dumps.rmdir()
     out = Path(args.out)
-    write_text_atomic(out / "gptq_speed.json", json.dumps({"command": cmd.strip(), "rows": rows_out}, indent=1))
-    write_text_atomic(out / "gptq_speed.md", md)
+    write_results(out, "gptq_speed", {"command": cmd.strip(), "rows": rows_out}, md)
     print(md)
     return 0
 

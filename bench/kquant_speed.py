@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import numpy as np
     from gguf import GGMLQuantizationType as T, quants as gq
 
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
     from quantize.formats.gguf.ggml_quants import quantize_rows
     from tests.kquant_numpy import encode_kquant as numpy_encode
 
@@ -100,8 +100,7 @@ def main(argv=None) -> int:
             f"{r['error_ratio']:.4f}" if old else "-"))
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
-    write_text_atomic(out / "kquant_speed.json", json.dumps({"command": cmd.strip(), "rows": rows}, indent=1))
-    write_text_atomic(out / "kquant_speed.md", md)
+    write_results(out, "kquant_speed", {"command": cmd.strip(), "rows": rows}, md)
     print(md)
     return 0
 

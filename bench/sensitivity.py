@@ -13,7 +13,6 @@ allocation rests on. Results: ``--out``/sensitivity.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -46,7 +45,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     args = parse_args(argv)
     from bench.compare_llamacpp import quiet_bench_process
@@ -91,9 +90,8 @@ def main(argv=None) -> int:
         lines.append(f"| {group} | " + " | ".join(f"{kl[t]:.2e}" for t in args.types) + " |")
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
-    for fname, text in (("sensitivity.json", json.dumps({"command": cmd.strip(), "model": str(model), "rows": rows,
-                                                          "total_s": round(total, 1)}, indent=1)), ("sensitivity.md", md)):
-        write_text_atomic(out / fname, text)
+    write_results(out, "sensitivity", {"command": cmd.strip(), "model": str(model), "rows": rows,
+                                       "total_s": round(total, 1)}, md)
     print(md)
     return 0
 

@@ -76,7 +76,7 @@ def child(mode: str, model: Path, batches: int, tokens: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from eval.atomic_file import write_text_atomic
+    from bench.results_file import write_results
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -119,9 +119,7 @@ def main(argv=None) -> int:
             per = sum(r["layers_seconds"]) / max(len(r["layers_seconds"]), 1)
             lines.append(f"| {r['mode']} | {r['seconds']} | {r['peak_rss_gib']} | {per:.1f} |")
     md = "\n".join(lines) + "\n"
-    write_text_atomic(Path(a.out) / "streamed_calibration.json",
-                      json.dumps({"command": cmd.strip(), "layers": a.layers, "rows": rows}, indent=1))
-    write_text_atomic(Path(a.out) / "streamed_calibration.md", md)
+    write_results(a.out, "streamed_calibration", {"command": cmd.strip(), "layers": a.layers, "rows": rows}, md)
     print(md)
     return 0
 
