@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def child(mode: str, model: Path, batches: int, tokens: int) -> dict:
     t0 = time.perf_counter()
     with PeakSampler() as s:
         if mode == "streamed":
-            _, result, _ = _calibrate(recipe, ckpt, plan, progress=False)
+            with tempfile.TemporaryDirectory(dir=model.parent) as spill:  # the pipeline spills into its output folder
+                _, result, _ = _calibrate(recipe, ckpt, plan, progress=False, spill=Path(spill) / "spill")
         else:
             from transformers import Gemma3nForConditionalGeneration
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,14 +148,28 @@ def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, pr
     return result
 
 
+# Finished decoder layers' codes wait here for the writers (quantize.spill); inside the partial
+# output folder, so a failed run removes it with everything else, and removed before the
+# manifest lists the folder's files.
+SPILL_DIR = ".spill"
+
+
 def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool) -> RunResult:
+    spill = out / SPILL_DIR
+    try:
+        return _calibrate_and_write(recipe, ckpt, plan, out, progress, spill)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _calibrate_and_write(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool, spill: Path) -> RunResult:
     from quantize.formats.base import ExportContext
 
     calib_manifest: dict | None = None
     seq = None
     importance: dict = {}
     if needs_calibration(plan) or recipe.kv_cache.fp8:
-        calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress)
+        calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress, spill)
     source = TensorSource(
         ckpt,
         plan,
@@ -200,6 +215,7 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
             log.warning("%s", GGUF_KV_NOTE)
             notes.append(GGUF_KV_NOTE)
         gguf_codes = text_code_sources(ctx, gguf)
+    shutil.rmtree(spill, ignore_errors=True)  # the writers are done; the manifest lists the folder as it stays
     evaluation = None
     if recipe.eval is not None:  # before the manifest, which points to the results
         evaluation = run_eval(recipe, ckpt.folder, out, artifacts)
@@ -221,13 +237,14 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     return RunResult(plan=plan, artifacts=artifacts, manifest=manifest, eval=evaluation)
 
 
-def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
+def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spill: Path):
     """Build the calibration set once; gather the towers' activation statistics (importance
     RTN), then calibrate and quantize the text decoder layer by layer (GPTQ / AWQ / importance).
 
     The model is streamed (``quantize.streamed_model``): each tower and each decoder layer is
     read from the checkpoint only while it runs, with the token tables' calibration rows, so
-    memory is one layer's weights plus activations, not the whole model (16 GB for E4B).
+    memory is one layer's weights plus activations, not the whole model (16 GB for E4B); the
+    finished layers' codes go to ``spill`` (a new folder) until the writers read them.
     Returns the calibration manifest, the sequential result (or None) and the towers' statistics.
     """
     import torch
@@ -235,6 +252,7 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
     from calibrate import build_calibration
     from quantize.compat import check_transformers
     from quantize.sequential import quantize_text_decoder
+    from quantize.spill import SpilledTensors
     from quantize.streamed_model import StreamedModel
     from quantize.tower_stats import tower_importance
 
@@ -267,9 +285,10 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool):
         # Every quantized decoder linear goes through the engine, plain RTN too: later layers,
         # and KV consumers reading their producer's cache, must calibrate on the quantized model.
         schemes = {e.name: e.scheme for e in plan.entries if e.quantized and e.tower == "text"}
+        spill.mkdir()
         result = quantize_text_decoder(
             model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress,
-            compute_dtype=torch.float32, streamed=streamed,
+            compute_dtype=torch.float32, streamed=streamed, spill=SpilledTensors(spill),
         )
     del model, streamed
     return calib.manifest, result, importance

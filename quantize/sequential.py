@@ -65,7 +65,8 @@ class SequentialError(QuantizeError):
 class SequentialResult:
     """What the engine produced.
 
-    - ``tensors``: a ``QuantizedTensor`` per quantized checkpoint name;
+    - ``tensors``: a ``QuantizedTensor`` per quantized checkpoint name (a dict, or with
+      ``spill`` the ``quantize.spill.SpilledTensors`` that holds them on disk);
     - ``updated``: float tensors the engine replaced (AWQ divides
       ``pre_feedforward_layernorm.weight`` by its scales); writers must take these instead of
       the checkpoint's values;
@@ -79,7 +80,7 @@ class SequentialResult:
       consumers' pointing at their producer's values.
     """
 
-    tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
+    tensors: Mapping[str, QuantizedTensor] = field(default_factory=dict)
     updated: dict[str, torch.Tensor] = field(default_factory=dict)
     rescaled: dict[str, Rescale] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
@@ -314,6 +315,7 @@ def quantize_text_decoder(
     progress: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     streamed=None,
+    spill=None,
 ) -> SequentialResult:
     """Calibrate and quantize the text decoder's linears layer by layer (see the module doc).
 
@@ -327,6 +329,8 @@ def quantize_text_decoder(
     ``streamed``: the ``quantize.streamed_model.StreamedModel`` that ``model`` belongs to; each
     decoder layer is then read from the checkpoint just before it is calibrated and released
     after its quantized outputs are computed (one layer's weights resident, not the model's).
+    ``spill``: a ``quantize.spill.SpilledTensors``; each finished layer's quantized tensors are
+    written to it (and ``result.tensors`` is it) instead of accumulating in memory.
     """
     from quantize.compat import check_transformers
 
@@ -342,10 +346,10 @@ def quantize_text_decoder(
         raise SequentialError(str(e)) from None
     by_layer = validate_schemes(model, schemes)
     with exact_cuda_math(device):
-        return _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed)
+        return _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed, spill)
 
 
-def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed) -> SequentialResult:
+def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed, spill) -> SequentialResult:
     """``quantize_text_decoder``'s work on validated arguments."""
     from tqdm.auto import tqdm
 
@@ -354,7 +358,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
     cfg = lm.config
     types = cfg.layer_types
     modes = cfg.kv_sharing_modes if hasattr(cfg, "kv_sharing_modes") else ["own"] * len(lm.layers)
-    result = SequentialResult()
+    result = SequentialResult(tensors=spill if spill is not None else {})
 
     hidden, contexts = capture_layer_inputs(model, batches, device, compute_dtype, streamed=streamed, progress=progress)
     kv_ranges: dict[int, KVRange] = {}
@@ -372,6 +376,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         lt = types[i]
         wanted = by_layer.get(i, {})
         rep = {"methods": {}, "fallbacks": {}, "notes": []}
+        done: dict[str, QuantizedTensor] = {}  # this layer's results
 
         def run_all(store: list | None = None, kv: KVRange | None = None):
             for b, ctx in enumerate(contexts):
@@ -406,7 +411,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                 scheme = wanted[p]
                 qt = _quantize_one(name, mod.weight.data, scheme, st)
                 mod.weight.data.copy_(qt.dequantize().to(device=mod.weight.device, dtype=mod.weight.dtype))
-                result.tensors[name] = qt
+                done[name] = qt
                 if st is not None:
                     result.importance[name] = st[0].mean_sq.detach().cpu()
                 rep["methods"][p] = scheme.label()
@@ -444,6 +449,11 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             streamed.release_layer(i)
         else:
             layer.to(device=home_device, dtype=home_dtype)
+        if spill is not None:
+            spill.add(done)
+        else:
+            result.tensors.update(done)
+        done = qt = None  # the codes live in the result (or on disk) only
         rep["seconds"] = round(time.perf_counter() - t0, 3)
         result.report[i] = rep
         for p, why in rep["fallbacks"].items():

@@ -160,7 +160,7 @@ def test_streamed_calibration_on_cuda_matches_cpu(tiny_random, tmp_path):
     for dev in ("cpu", "cuda"):
         recipe = _recipe(tiny_random, tmp_path, dev)
         ckpt, plan = prepare(recipe)
-        runs[dev] = _calibrate(recipe, ckpt, plan, progress=False)
+        runs[dev] = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / f"spill-{dev}")
     (m_cpu, cpu, imp_cpu), (m_gpu, gpu, imp_gpu) = runs["cpu"], runs["cuda"]
     assert any(s["kind"] == "image" for s in m_gpu["multimodal"]["samples"])
     assert any(s["kind"] == "audio" for s in m_gpu["multimodal"]["samples"])

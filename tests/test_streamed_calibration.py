@@ -105,10 +105,16 @@ def test_streamed_equals_whole_model(tiny_trained, tmp_path, monkeypatch, text_t
 
     monkeypatch.setattr(streamed_model.StreamedModel, "__init__", init)
     monkeypatch.setattr(sequential, "_run_layer", counting_run_layer)
-    got_manifest, got, got_importance = _calibrate(recipe, ckpt, plan, progress=False)
+    got_manifest, got, got_importance = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / "spill")
 
     assert got_manifest == want_manifest
     assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
+    # the finished layers' codes were read back from disk (quantize.spill), one file per layer
+    from quantize.spill import SpilledTensors
+
+    layers_quantized = {n.split(".layers.")[1].split(".")[0] for n in want.tensors}
+    assert isinstance(got.tensors, SpilledTensors)
+    assert len(list((tmp_path / "spill").glob("*.safetensors"))) == len(layers_quantized)
     for name, qt in want.tensors.items():
         g = got.tensors[name]
         assert torch.equal(g.codes, qt.codes), name
@@ -190,7 +196,7 @@ def test_text_only_checkpoint_streams_without_towers_or_embedders(tiny_trained, 
     ckpt, plan = prepare(recipe)
     assert not any(n.startswith(("model.embed_vision", "model.vision_tower")) for n in ckpt.tensors)
     _, want, _ = _whole_model_calibration(recipe, ckpt, plan, multimodal=False)
-    _, got, _ = _calibrate(recipe, ckpt, plan, progress=False)
+    _, got, _ = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / "spill")
     assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
     for name, qt in want.tensors.items():
         assert torch.equal(got.tensors[name].codes, qt.codes) and torch.equal(got.tensors[name].scales, qt.scales), name
