@@ -250,6 +250,21 @@ def test_gptq_dead_columns_are_rounded_not_lost():
     assert (deq[:, [5, 40]] - w[:, [5, 40]]).abs().max() <= step
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_leaves_the_callers_hessian_as_it_was(act_order):
+    """The sequential engine hands one accumulator's Hessian to every linear of a stage (q/k/v,
+    gate/up) without copying it: GPTQ must only read it, dead columns and act-order included."""
+    x = correlated_inputs(512, 64, seed=10)
+    x[:, 7] = 0.0
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    before = acc.hessian().clone()
+    scheme = QuantScheme(type="int4", method="gptq", act_order=act_order)
+    for seed in (11, 12):  # two linears of one stage
+        gptq_quantize("w", torch.randn(16, 64, generator=torch.Generator().manual_seed(seed)), acc.hessian(), scheme)
+        assert torch.equal(acc.hessian(), before)
+
+
 def three_step_factor(h: torch.Tensor) -> torch.Tensor:
     """chol(H^-1) as the reference implementation computes it: chol(H), its inverse, chol again."""
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

@@ -88,6 +88,15 @@ def _reverse_both_axes_(t: torch.Tensor, chunk: int = 1 << 22) -> None:
         v[n - b:n - a] = head[::-1]
 
 
+def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """``h[perm][:, perm]`` as one new matrix, built a block of rows at a time (indexing in two
+    steps makes a whole intermediate n x n copy)."""
+    out = torch.empty_like(h)
+    for a in range(0, h.shape[0], rows):
+        torch.index_select(h.index_select(0, perm[a:a + rows]), 1, perm, out=out[a:a + rows])
+    return out
+
+
 def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
     if scheme.type not in ("int4", "int8"):
         raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
@@ -95,11 +104,13 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     rows, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
         raise HessianShapeError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
-    h = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
-    if not torch.isfinite(h).all():
-        return _fallback(name, weight, scheme, h, "hessian has non-finite entries")
+    # The caller's Hessian is only read (q/k/v and gate/up share one): GPTQ works on one copy of
+    # it, permuted or not, so two n x n matrices are alive here, not three (E4B's down_proj: 1 GiB each).
+    h_in = hessian.detach().to(device=w.device, dtype=torch.float32)
+    if not torch.isfinite(h_in).all():
+        return _fallback(name, weight, scheme, h_in, "hessian has non-finite entries")
 
-    diag = torch.diagonal(h)
+    diag = torch.diagonal(h_in).clone()
     dead = diag == 0
     diag[dead] = 1.0
     g_size = scheme.effective_group or cols
@@ -116,13 +127,16 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
         if zeros is not None:
             zeros.copy_(z0)
         perm = torch.argsort(diag, descending=True, stable=True)
-    del diag  # a view: it would keep the unpermuted Hessian alive
     if perm is not None:
         w = w[:, perm]
-        h = h[perm]
-        h = h[:, perm]
+        h = _symmetric_permuted(h_in, perm)
+        diag = diag[perm]
+    else:
+        h = h_in.clone()
+    del h_in
+    h.diagonal().copy_(diag)  # dead columns: H[j, j] = 1
+    del diag
 
-    # One n x n matrix more than needed is alive at any time (E4B's down_proj: 1 GiB each).
     damp = scheme.dampening * torch.diagonal(h).mean()
     h.diagonal().add_(damp)
     hinv, info = inverse_cholesky_upper(h)
