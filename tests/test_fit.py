@@ -158,3 +158,27 @@ def test_the_plain_recipe_reproduces_the_gguf_byte_for_byte(fitted):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "probing" not in r.stderr  # a plain recipe: nothing measured again
     assert (tmp / "again" / "fit-tiny-auto.gguf").read_bytes() == (tmp / "out" / "fit-tiny-auto.gguf").read_bytes()
+
+
+def test_prober_memory_is_the_loaded_model_and_refused_where_it_cannot_fit(tmp_path, tiny_trained):
+    """The probes' memory estimate against transformers' own fp32 model (its parameters' bytes);
+    a machine with less is refused in one line before loading (on E4B the process would
+    otherwise be killed by the kernel minutes in)."""
+    import torch
+    from transformers import Gemma3nForConditionalGeneration
+
+    from quantize.errors import QuantizeError
+    from quantize.fit import measure
+    from quantize.model import Checkpoint
+
+    ckpt = Checkpoint(Path(tiny_trained))
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(tiny_trained), dtype=torch.float32)
+    loaded = sum(p.numel() * 4 for p in model.parameters())
+    vocab = model.config.text_config.vocab_size
+    est = measure.prober_bytes(ckpt, 100) - 100 * vocab * 20
+    assert abs(est - loaded) <= 0.01 * loaded, (est, loaded)
+    measure.check_prober_memory(ckpt, 100, available=measure.prober_bytes(ckpt, 100))  # just fits
+    with pytest.raises(QuantizeError) as e:
+        measure.check_prober_memory(ckpt, 100, available=2**30 // 4)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tiny_trained) in msg and "0.2 GiB of memory is available" in msg and "Valid:" in msg

@@ -107,6 +107,41 @@ def measure_errors(groups: list[Group], ckpt) -> None:
             g.error[t] = sum(e * n for e, n in errs) / total if total else 0.0
 
 
+def prober_bytes(ckpt, positions: int) -> int:
+    """Memory the ``Prober`` needs: the whole model in fp32 (what ``from_pretrained`` keeps: every
+    checkpoint tensor but the dead k/v) and, per probe position, the base log-probabilities, one
+    probe's and its logits over the full vocabulary (float64, float64 and float32)."""
+    dead = set(ckpt.dead_kv())
+    weights = sum(4 * t.numel for n, t in ckpt.tensors.items() if n not in dead)
+    return weights + positions * int(ckpt.text_config["vocab_size"]) * (8 + 8 + 4)
+
+
+def available_bytes() -> int | None:
+    """RAM plus swap the kernel says a new allocation can get (Linux ``/proc/meminfo``); None elsewhere."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("MemAvailable", "SwapFree"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_prober_memory(ckpt, positions: int, available: int | None = None) -> None:
+    """One line, before minutes of loading, where the probes cannot fit: the process would be
+    killed by the kernel instead (E4B needs about 40 GB: 31 GB of fp32 weights, 8 GB of log-probabilities
+    at 8 x 512 positions). ``available``: bytes (default: this machine's ``available_bytes``)."""
+    from quantize.errors import QuantizeError
+
+    need = prober_bytes(ckpt, positions)
+    have = available_bytes() if available is None else available
+    if have is not None and need > have:
+        gib = 2**30
+        raise QuantizeError(
+            f"fit: probing {ckpt.folder} needs about {need / gib:.1f} GiB (the whole model in fp32 plus log-probabilities "
+            f"of {positions} positions over {int(ckpt.text_config['vocab_size'])} tokens); {have / gib:.1f} GiB of memory "
+            "is available. Valid: a machine with that much memory, fewer probe positions (fit.samples, "
+            "calibration.text.seq_len), or an explicit allocation (exports.gguf.tensor_types) without fit")
+
+
 class Prober:
     """The unquantized model's log-probabilities on the probe text, and KL of a model with some
     tensors fake-quantized against them (mean over positions, full vocabulary)."""

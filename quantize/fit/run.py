@@ -201,7 +201,9 @@ def measure_groups(recipe, spec: FitSpec, ckpt, groups: list[Group]):
 
     log.info("fit: %d groups; measuring weight errors at %d types", len(groups), len(candidate_types()))
     measure.measure_errors(groups, ckpt)
-    prober = measure.Prober(ckpt.folder, probe_texts(recipe, ckpt.folder, spec.samples))
+    texts = probe_texts(recipe, ckpt.folder, spec.samples)
+    measure.check_prober_memory(ckpt, sum(int(t.numel()) for t in texts))
+    prober = measure.Prober(ckpt.folder, texts)
     log.info("fit: probing %d groups at %s in transformers", sum(g.pinned is None for g in groups), spec.probe)
     measure.measure_sensitivity(groups, prober, spec.probe)
     return prober
