@@ -1,0 +1,108 @@
+"""What a Q8_0 KL ratio against llama.cpp is made of: one of our choices changed at a time.
+
+    python bench/q8_decomposition.py                      # the `tiny` bench model
+    python bench/q8_decomposition.py --bench-model wide   # the decoder-dominated one
+
+Needs bench/compare_llamacpp.py to have run on the same model (its work folder holds the F32
+reference GGUF and llama.cpp's plain Q8_0). Our variants, all Q8_0 blocks (int8 g32):
+
+- ``rtn-plain``: RTN everywhere: llama.cpp's algorithm; the bytes differ from its file only
+  because llama.cpp quantizes its F16 file (weights rounded to fp16 first) and we the checkpoint;
+- ``ls-token`` / ``ls-per-layer`` / ``ls-both``: least-squares block scales (``importance: true``
+  without statistics, see quantize.methods.dispatch) on the tied token embedding (also the
+  output layer), on the per-layer table, on both;
+- ``gptq-plain``, ``gptq-ls-both``: the decoder by GPTQ int8 (``gptq-ls-both`` is
+  compare_llamacpp's ``ours-Q8_0``).
+
+KL of each file against the F32 GGUF, in llama.cpp, with compare_llamacpp's harness (same
+windows). Results: bench/results/q8_decomposition[-wide].json / .md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+LS = {"preset": "int8", "importance": True}
+GPTQ8 = {"type": "int8", "method": "gptq"}
+VARIANTS = {
+    "rtn-plain": {"text": "int8", "token_embeddings": "int8", "per_layer_embeddings": "int8"},
+    "ls-token": {"text": "int8", "token_embeddings": LS, "per_layer_embeddings": "int8"},
+    "ls-per-layer": {"text": "int8", "token_embeddings": "int8", "per_layer_embeddings": LS},
+    "ls-both": {"text": "int8", "token_embeddings": LS, "per_layer_embeddings": LS},
+    "gptq-plain": {"text": GPTQ8, "token_embeddings": "int8", "per_layer_embeddings": "int8"},
+    "gptq-ls-both": {"text": GPTQ8, "token_embeddings": LS, "per_layer_embeddings": LS},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench-model", default="tiny", choices=["tiny", "wide"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=str(ROOT / ".cache" / "bench-compare"), help="compare_llamacpp's work folder")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--reuse", action="store_true", help="reuse our GGUF files already built")
+    # compare_llamacpp's defaults: the same calibration and evaluation windows
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--n-windows", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from bench.bench_models import bench_model
+    from bench.compare_llamacpp import (calibration_config, gguf_facts, kl_base_from_gguf, our_recipe, quality_of,
+                                        quiet_bench_process, run_ours)
+    from bench.results_file import write_results
+    from eval.run import RunSettings
+
+    args = parse_args(argv)
+    quiet_bench_process(args.threads)
+    t0 = time.perf_counter()
+    model = bench_model(args.bench_model)
+    work = Path(args.work) / model.name
+    f32s = sorted((work / "reference-f32").glob("*.gguf"))
+    theirs = work / "llamacpp-Q8_0.gguf"
+    if not f32s or not theirs.exists():
+        raise SystemExit(f"{work}: run `python bench/compare_llamacpp.py --bench-model {args.bench_model}` first "
+                         "(needs its reference-f32 GGUF and llamacpp-Q8_0.gguf)")
+    calib = calibration_config(args)
+    emb = gguf_facts(theirs)["embeddings"]
+    assert set(emb.values()) == {"Q8_0"}, emb  # llama.cpp's Q8_0 file: both tables Q8_0, as ours
+    files = {"llama.cpp Q8_0 (from F16)": theirs}
+    for name in args.variants:
+        towers = {**VARIANTS[name], "per_layer_projections": "int8"}
+        files[name] = run_ours(our_recipe(f"q8-{name}", model, work, towers, "auto", calib), args.reuse)
+    settings = RunSettings(seq_len=args.seq_len, n_windows=args.n_windows, threads=args.threads)
+    base = kl_base_from_gguf(f32s[0], model, settings, args.threads)
+    rows = []
+    for name, path in files.items():
+        q = quality_of(path, base, args.threads, args.seq_len)
+        rows.append({"file": name, "path": str(path), "bytes": path.stat().st_size, "kl": q["kl"]["mean"],
+                     "top1": q["kl"]["top1"], "ppl": q.get("ppl")})
+    ref = rows[0]["kl"]
+    cmd = "python bench/q8_decomposition.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"# Q8_0: one choice at a time ({args.bench_model} bench model)", "",
+             f"`{cmd.strip()}`, {args.threads} threads, {datetime.now(timezone.utc):%Y-%m-%d}, "
+             f"{(time.perf_counter() - t0) / 60:.1f} min. KL against the F32 GGUF in llama.cpp, {args.n_windows} windows "
+             f"of {args.seq_len} tokens (compare_llamacpp's harness). Model `{model.name}`.", "",
+             "| file | MiB | mean KL | / llama.cpp Q8_0 | top-1 |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['kl']:.3e} | {r['kl'] / ref:.3f} | {r['top1']:.3f} |")
+    md = "\n".join(lines) + "\n"
+    suffix = "" if args.bench_model == "tiny" else f"-{args.bench_model}"
+    write_results(args.out, f"q8_decomposition{suffix}", {"command": cmd.strip(), "model": model.name, "rows": rows}, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
