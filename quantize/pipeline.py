@@ -155,16 +155,11 @@ SPILL_DIR = ".spill"
 
 
 def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool) -> RunResult:
-    spill = out / SPILL_DIR
-    try:
-        return _calibrate_and_write(recipe, ckpt, plan, out, progress, spill)
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
-
-
-def _calibrate_and_write(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool, spill: Path) -> RunResult:
+    """``out``: the partial folder of ``run``'s ``atomic_folder``, which removes it (spill
+    included) when anything here fails."""
     from quantize.formats.base import ExportContext
 
+    spill = out / SPILL_DIR
     calib_manifest: dict | None = None
     seq = None
     importance: dict = {}
