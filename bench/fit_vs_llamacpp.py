@@ -8,7 +8,7 @@
 2. llama.cpp writes Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M and Q6_K: with an importance matrix
    (llama-imatrix on our calibration text) where ``bench/build_llamacpp_tools.sh`` built the
    tools, else plain (``llama_model_quantize``), and the table says which.
-3. ``fit`` measures once (weight errors, one transformers probe per group), then for each
+3. ``fit`` measures once (weight errors, the streamed probes), then for each
    llama.cpp file chooses types for that file's size and writes the plain recipe's GGUF.
 4. Every file is evaluated by eval's llama.cpp backend on the same held-out windows: mean KL
    against the F32 file. Target: ours <= 0.7 x llama.cpp's KL at the same size.
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     spec = FitSpec(budget="1GB", samples=args.calib_samples)
     t_measure = time.perf_counter()
     kept, ckpt, gplan, groups, fixed = fitrun.plan_groups(base_recipe)
-    prober = fitrun.measure_groups(base_recipe, spec, ckpt, groups)
+    texts = fitrun.measure_groups(base_recipe, spec, ckpt, groups)
     t_measure = time.perf_counter() - t_measure
     meta = fitrun.metadata_allowance(ckpt.text_config, len(gplan.targets))
 
@@ -148,7 +148,10 @@ def main(argv=None) -> int:
                    types={t: sum(1 for v in choice[0].values() if v == t) for t in sorted(set(choice[0].values()))})
         log.info("fit at %s's size: %d bytes, KL %.3e (ratio %.3f)", row["mix"], row["ours_bytes"], row["ours_kl"], row["ratio"])
 
-    # the KL model against true KL, single-group swaps at types other than the probe
+    # the KL model against true KL (the whole model in transformers), single-group swaps at types other than the probe
+    from quantize.fit.measure import Prober
+
+    prober = Prober(ckpt.folder, texts)
     rng = random.Random(0)
     swaps = []
     pool = [(g, t) for g in groups if g.pinned is None for t in g.types if t not in (spec.probe, "F16")]

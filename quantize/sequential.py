@@ -254,7 +254,7 @@ def _stage_towers(streamed, towers: list[set[str]], b: int) -> None:
             streamed.release_tower(t)
 
 
-def _run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContext) -> torch.Tensor:
+def run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContext) -> torch.Tensor:
     """One decoder layer on one batch, with exactly the arguments Gemma3nTextModel.forward passes."""
     return layer(
         h,
@@ -380,7 +380,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
 
         def run_all(store: list | None = None, kv: KVRange | None = None):
             for b, ctx in enumerate(contexts):
-                out = _run_layer(layer, i, lt, hidden[b], ctx)
+                out = run_layer(layer, i, lt, hidden[b], ctx)
                 if store is not None:
                     store.append(out)
                 if kv is not None and modes[i] == "store":

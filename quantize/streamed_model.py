@@ -13,8 +13,9 @@ as the rotary tables and embedding scales, are real) and only these are material
 - one decoder layer between ``load_layer`` and ``release_layer``;
 - a tower (vision, audio) between ``load_tower`` and ``release_tower``.
 
-The final norm, the AltUp unembedding projections and the LM head are never read. The modules
-are transformers' own, so the forward computes exactly what the whole model computes.
+The final norm and the AltUp unembedding projections are read only by ``load_final`` (``fit``'s
+probes need the output; calibration does not), the LM head (the tied token table) never. The
+modules are transformers' own, so the forward computes exactly what the whole model computes.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ ALWAYS = (
     f"{TEXT}.per_layer_model_projection",
     f"{TEXT}.per_layer_projection_norm",
 )
+# What the text model runs after its last decoder layer, before the LM head.
+FINAL = (f"{TEXT}.altup_unembed_projections", f"{TEXT}.norm")
 EMBEDDERS = {"vision": "model.embed_vision", "audio": "model.embed_audio"}
 TOWERS = {"vision": "model.vision_tower", "audio": "model.audio_tower"}
 
@@ -71,15 +74,17 @@ def _auto_dtype(ckpt: Checkpoint, config) -> torch.dtype:
 
 class StreamedModel:
     """``model``: the skeleton ``Gemma3nForConditionalGeneration``; ``token_ids``: every
-    calibration batch's ``input_ids`` (their rows are read from the two token tables)."""
+    calibration batch's ``input_ids`` (their rows are read from the two token tables);
+    ``dtype``: what every weight is materialised in (default: what ``from_pretrained(dtype="auto")``
+    gives)."""
 
-    def __init__(self, ckpt: Checkpoint, token_ids: Iterable[torch.Tensor]):
+    def __init__(self, ckpt: Checkpoint, token_ids: Iterable[torch.Tensor], dtype: torch.dtype | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, Gemma3nForConditionalGeneration
 
         self.ckpt = ckpt
         config = AutoConfig.from_pretrained(str(ckpt.folder))
-        self.dtype = _auto_dtype(ckpt, config)
+        self.dtype = dtype or _auto_dtype(ckpt, config)
         # include_buffers=False: buffers are computed from the config in __init__ (rotary
         # frequencies, embedding scales) and must be real; parameters go to meta.
         with init_empty_weights(include_buffers=False):
@@ -102,6 +107,10 @@ class StreamedModel:
 
     def release_layer(self, i: int) -> None:
         self._release(f"{TEXT}.layers.{i}")
+
+    def load_final(self) -> None:
+        for prefix in FINAL:
+            self._load(prefix)
 
     def load_tower(self, tower: str) -> None:
         self._load(TOWERS[tower])

@@ -160,25 +160,36 @@ def test_the_plain_recipe_reproduces_the_gguf_byte_for_byte(fitted):
     assert (tmp / "again" / "fit-tiny-auto.gguf").read_bytes() == (tmp / "out" / "fit-tiny-auto.gguf").read_bytes()
 
 
-def test_prober_memory_is_the_loaded_model_and_refused_where_it_cannot_fit(tmp_path, tiny_trained):
-    """The probes' memory estimate against transformers' own fp32 model (its parameters' bytes);
-    a machine with less is refused in one line before loading (on E4B the process would
-    otherwise be killed by the kernel minutes in)."""
+def test_probe_memory_is_one_layer_and_the_output_layer_and_refused_where_it_cannot_fit(tmp_path, tiny_trained):
+    """The streamed probes' memory estimate from transformers' own module shapes, by hand: one
+    decoder layer and the tied output layer in fp32, each twice (float and fake-quantized), the
+    probe tokens' table rows, 4 AltUp hidden states per stream plus the base, one chunk of
+    float64 log-probabilities; a machine with less is refused in one line before any work."""
     import torch
     from transformers import Gemma3nForConditionalGeneration
 
     from quantize.errors import QuantizeError
     from quantize.fit import measure
+    from quantize.fit.streamed_probe import POSITIONS_PER_CHUNK
     from quantize.model import Checkpoint
 
     ckpt = Checkpoint(Path(tiny_trained))
     model = Gemma3nForConditionalGeneration.from_pretrained(str(tiny_trained), dtype=torch.float32)
-    loaded = sum(p.numel() * 4 for p in model.parameters())
-    vocab = model.config.text_config.vocab_size
-    est = measure.prober_bytes(ckpt, 100) - 100 * vocab * 20
-    assert abs(est - loaded) <= 0.01 * loaded, (est, loaded)
-    measure.check_prober_memory(ckpt, 100, available=measure.prober_bytes(ckpt, 100))  # just fits
+    lm = model.model.language_model
+    tc = model.config.text_config
+    layer = sum(p.numel() for p in lm.layers[0].parameters())
+    head = model.lm_head.weight.numel()
+    assert model.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()  # tied: one table
+    # 25 layers, 2 tables, k and v of the 2 KV store layers (18 sliding, 19 full)
+    streams = 25 + 2 + 4
+    rows = 100 * (tc.hidden_size + tc.num_hidden_layers * tc.hidden_size_per_layer_input)
+    want = (8 * layer + 8 * head + 4 * rows + (streams + 2) * 100 * 4 * 4 * tc.hidden_size
+            + 8 * 4 * POSITIONS_PER_CHUNK * tc.vocab_size)
+    assert measure.prober_bytes(ckpt, 100) == want
+    # per group: one stream per probed group
+    assert measure.prober_bytes(ckpt, 100, 217, "group") == want + (217 - streams) * 100 * 16 * tc.hidden_size
+    measure.check_prober_memory(ckpt, 100, available=want)  # just fits
     with pytest.raises(QuantizeError) as e:
-        measure.check_prober_memory(ckpt, 100, available=2**30 // 4)
+        measure.check_prober_memory(ckpt, 100, available=want // 2)
     msg = str(e.value)
-    assert "\n" not in msg and str(tiny_trained) in msg and "0.2 GiB of memory is available" in msg and "Valid:" in msg
+    assert "\n" not in msg and str(tiny_trained) in msg and "GiB of memory is available" in msg and "Valid:" in msg

@@ -83,9 +83,9 @@ def test_streamed_equals_whole_model(tiny_trained, tmp_path, monkeypatch, text_t
     want_manifest, want, want_importance = _whole_model_calibration(recipe, ckpt, plan)
 
     # Resident weights, counted from the model's own parameters and buffers whenever a decoder
-    # layer runs in the streamed path (the engine's _run_layer is the one place layers run).
+    # layer runs in the streamed path (the engine's run_layer is the one place layers run).
     seen = {"peak": 0, "towers_resident": False, "calls": 0}
-    real_run_layer = sequential._run_layer
+    real_run_layer = sequential.run_layer
 
     def counting_run_layer(layer, i, *args):
         model = counting_run_layer.model
@@ -104,7 +104,7 @@ def test_streamed_equals_whole_model(tiny_trained, tmp_path, monkeypatch, text_t
         counting_run_layer.model = self.model
 
     monkeypatch.setattr(streamed_model.StreamedModel, "__init__", init)
-    monkeypatch.setattr(sequential, "_run_layer", counting_run_layer)
+    monkeypatch.setattr(sequential, "run_layer", counting_run_layer)
     got_manifest, got, got_importance = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / "spill")
 
     assert got_manifest == want_manifest

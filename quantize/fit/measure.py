@@ -6,12 +6,17 @@ The model (after ExLlamaV3's ``doc/optimize.md``): quantizing group g to type t 
 
 where e_g(t) is the relative squared weight error of t on g's own weights (ggml's quantizer,
 as llama.cpp's ``llama-quantize`` runs it without an imatrix; gguf's own dequantizer) and s_g is
-measured once per group: one real probe in transformers with only g fake-quantized at the probe
-type, KL against the unquantized model on the recipe's calibration text, s_g = KL / e_g(probe).
+measured once per group: the KL against the unquantized model, on the recipe's calibration text,
+of the model with only g fake-quantized at the probe type, s_g = KL / e_g(probe). The probes
+stream the checkpoint (``streamed_probe``: one pass over the layers; a group inside a decoder
+layer gets its layer's true KL shared by the change each group makes to the layer's output);
+``Prober`` (the whole model in transformers, one full forward per swap) is the reference they
+are checked against in the tests and the bench.
 A group is one GGUF tensor (per layer: attn_q/k/v/output, ffn_gate/up/down, inp_gate, proj;
 token_embd, which is also the tied output layer; the per-layer table per_layer_token_embd).
-KV sharing: a producer's attn_k / attn_v feed its consumers too, and the probe runs the whole
-model, so s_g covers them; consumers' own k/v are dead placeholders and are no group.
+KV sharing: a producer's attn_k / attn_v feed its consumers too, and their probe runs the model
+from the producer to the end, so s_g covers them; consumers' own k/v are dead placeholders and
+are no group.
 """
 from __future__ import annotations
 
@@ -107,13 +112,23 @@ def measure_errors(groups: list[Group], ckpt) -> None:
             g.error[t] = sum(e * n for e, n in errs) / total if total else 0.0
 
 
-def prober_bytes(ckpt, positions: int) -> int:
-    """Memory the ``Prober`` needs: the whole model in fp32 (what ``from_pretrained`` keeps: every
-    checkpoint tensor but the dead k/v) and, per probe position, the base log-probabilities, one
-    probe's and its logits over the full vocabulary (float64, float64 and float32)."""
-    dead = set(ckpt.dead_kv())
-    weights = sum(4 * t.numel for n, t in ckpt.tensors.items() if n not in dead)
-    return weights + positions * int(ckpt.text_config["vocab_size"]) * (8 + 8 + 4)
+def prober_bytes(ckpt, positions: int, n_groups: int | None = None, probes: str = "layer") -> int:
+    """Memory the probes need (``streamed_probe.probe_bytes``) for ``n_groups`` probed groups
+    (default: every group a Gemma 3n text GGUF has: 9 per layer, the two tables)."""
+    from quantize.fit.streamed_probe import probe_bytes
+
+    n = int(ckpt.text_config["num_hidden_layers"])
+    return probe_bytes(ckpt, positions, n_streams(ckpt.text_config, 9 * n + 2 if n_groups is None else n_groups, probes))
+
+
+def n_streams(text_config: dict, n_groups: int, probes: str = "layer") -> int:
+    """Streams ``measure_sensitivity`` runs at most: per group; or per layer, the two tables and
+    k and v of each KV store layer."""
+    from quantize.model import kv_groups
+
+    if probes == "group":
+        return n_groups
+    return min(n_groups, int(text_config["num_hidden_layers"]) + 2 + 2 * len(kv_groups(text_config)))
 
 
 def available_bytes() -> int | None:
@@ -125,26 +140,27 @@ def available_bytes() -> int | None:
         return None
 
 
-def check_prober_memory(ckpt, positions: int, available: int | None = None) -> None:
-    """One line, before minutes of loading, where the probes cannot fit: the process would be
-    killed by the kernel instead (E4B needs about 40 GB: 31 GB of fp32 weights, 8 GB of log-probabilities
-    at 8 x 512 positions). ``available``: bytes (default: this machine's ``available_bytes``)."""
+def check_prober_memory(ckpt, positions: int, available: int | None = None, n_groups: int | None = None,
+                        probes: str = "layer") -> None:
+    """One line, before minutes of work, where the probes cannot fit: the process would be killed
+    by the kernel instead. ``available``: bytes (default: this machine's ``available_bytes``)."""
     from quantize.errors import QuantizeError
 
-    need = prober_bytes(ckpt, positions)
+    need = prober_bytes(ckpt, positions, n_groups, probes)
     have = available_bytes() if available is None else available
     if have is not None and need > have:
         gib = 2**30
         raise QuantizeError(
-            f"fit: probing {ckpt.folder} needs about {need / gib:.1f} GiB (the whole model in fp32 plus log-probabilities "
-            f"of {positions} positions over {int(ckpt.text_config['vocab_size'])} tokens); {have / gib:.1f} GiB of memory "
+            f"fit: probing {ckpt.folder} needs about {need / gib:.1f} GiB (one decoder layer and the output layer in fp32, "
+            f"hidden states of {positions} positions per probe stream); {have / gib:.1f} GiB of memory "
             "is available. Valid: a machine with that much memory, fewer probe positions (fit.samples, "
             "calibration.text.seq_len), or an explicit allocation (exports.gguf.tensor_types) without fit")
 
 
 class Prober:
     """The unquantized model's log-probabilities on the probe text, and KL of a model with some
-    tensors fake-quantized against them (mean over positions, full vocabulary)."""
+    tensors fake-quantized against them (mean over positions, full vocabulary): the whole model in
+    transformers, the reference ``streamed_probe`` is checked against (fit itself streams)."""
 
     def __init__(self, folder, texts):
         import torch
@@ -188,13 +204,47 @@ class Prober:
         return [n for n in names if n not in self.params]
 
 
-def measure_sensitivity(groups: list[Group], prober: Prober, probe: str) -> None:
-    """One probe per unpinned group at ``probe`` (or the group's cheapest candidate when the probe
-    type does not fit its rows): s_g = KL / e_g."""
-    for i, g in enumerate(groups):
-        if g.pinned is not None:
-            continue
-        t = probe if probe in g.types else g.types[0]
-        g.probe_kl = prober.kl({s: t for s in g.sources})
-        g.sensitivity = g.probe_kl / g.error[t] if g.error[t] > 0 else 0.0
-        log.debug("probe %d/%d %s at %s: KL %.3e, error %.3e", i + 1, len(groups), g.name, t, g.probe_kl, g.error[t])
+def probe_type(g: Group, probe: str) -> str:
+    """The type g is probed at: ``probe``, or g's cheapest candidate where ``probe`` does not fit its rows."""
+    return probe if probe in g.types else g.types[0]
+
+
+def measure_sensitivity(groups: list[Group], ckpt, texts, probe: str, progress: bool = True, probes: str = "layer") -> None:
+    """s_g = KL_g / e_g(probe) for every unpinned group, from one streamed pass (``streamed_probe``).
+
+    ``probes="group"``: every group's true KL (a stream from its layer to the end: about 9 x 35 / 2
+    layer forwards per layer of the model). ``probes="layer"`` (the default: E4B's cost): a group
+    inside one decoder layer (attention, MLP, per-layer gate and projection; the k/v of a layer
+    that keeps its cache to itself) shares its layer's true KL (every such group of the layer
+    fake-quantized together) in proportion to the change it alone makes to the layer's output,
+    KL_g = KL_layer * d_g / d_layer; the token tables and a KV store layer's k/v reach beyond
+    their layer and get their own true KL."""
+    from quantize.fit.streamed_probe import EMBEDDING, run_probes, start_of
+    from quantize.model import kv_groups
+
+    stores = {g.producer for g in kv_groups(ckpt.text_config)}
+    todo = [g for g in groups if g.pinned is None]
+    own, by_layer = [], {}
+    for g in todo:
+        starts = {start_of(s) for s in g.sources}
+        j = starts.pop() if len(starts) == 1 else EMBEDDING
+        kv = any(s.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")) for s in g.sources)
+        if probes == "group" or j == EMBEDDING or (j in stores and kv):
+            own.append(g)
+        else:
+            by_layer.setdefault(j, []).append(g)
+    swaps = lambda gs: {s: probe_type(g, probe) for g in gs for s in g.sources}  # noqa: E731
+    layers = sorted(by_layer)
+    local = [(j, g) for j in layers for g in by_layer[j]]
+    res = run_probes(ckpt, texts, [swaps([g]) for g in own] + [swaps(by_layer[j]) for j in layers],
+                     [swaps([g]) for _, g in local], progress)
+    for g, kl in zip(own, res.stream_kl):
+        g.probe_kl = kl
+    layer_kl = dict(zip(layers, res.stream_kl[len(own):]))
+    layer_change = dict(zip(layers, res.stream_change[len(own):]))
+    for (j, g), d in zip(local, res.local_change):
+        g.probe_kl = layer_kl[j] * d / layer_change[j] if layer_change[j] > 0 else 0.0
+    for g in todo:
+        e = g.error[probe_type(g, probe)]
+        g.sensitivity = g.probe_kl / e if e > 0 else 0.0
+        log.debug("%s at %s: KL %.3e, error %.3e", g.name, probe_type(g, probe), g.probe_kl, e)

@@ -4,7 +4,7 @@
    float weights, in the type chosen here) and list the groups (``measure.Group``);
 2. the budget in bytes for the file (``budget``), minus what is not chosen here (norms, AltUp,
    LAuReL, the per-layer model projection in F16, the KV placeholders, the metadata);
-3. measure weight errors and sensitivities, pick types by exact DP (``optimise.allocate``);
+3. measure weight errors and sensitivities (streamed probes), pick types by exact DP (``optimise.allocate``);
 4. write ``<output>.fit.yaml`` beside the output folder: a plain recipe with explicit
    ``exports.gguf.tensor_types`` (reproduces the GGUF without measuring) and the prediction in
    ``exports.gguf.fitted``; then run it like ``quantize run`` (its manifest records both the
@@ -194,19 +194,26 @@ def fit(recipe, spec: FitSpec, *, dry_run: bool = False, allow_pickle: bool = Fa
     return _write_and_run(recipe, res, out_path, allow_pickle, overwrite, run_eval)
 
 
-def measure_groups(recipe, spec: FitSpec, ckpt, groups: list[Group]):
-    """Weight errors of every candidate type, and one transformers probe per unpinned group;
-    returns the prober (its model and base log-probabilities) for further probes."""
+def measure_groups(recipe, spec: FitSpec, ckpt, groups: list[Group], progress: bool = True) -> list:
+    """Weight errors of every candidate type, and the streamed probes of every unpinned group;
+    returns the probe texts ((1, T) token ids)."""
+    import time
+
     from quantize.fit import measure
 
     log.info("fit: %d groups; measuring weight errors at %d types", len(groups), len(candidate_types()))
+    t0 = time.perf_counter()
     measure.measure_errors(groups, ckpt)
     texts = probe_texts(recipe, ckpt.folder, spec.samples)
-    measure.check_prober_memory(ckpt, sum(int(t.numel()) for t in texts))
-    prober = measure.Prober(ckpt.folder, texts)
-    log.info("fit: probing %d groups at %s in transformers", sum(g.pinned is None for g in groups), spec.probe)
-    measure.measure_sensitivity(groups, prober, spec.probe)
-    return prober
+    measure.check_prober_memory(ckpt, sum(int(t.numel()) for t in texts), n_groups=sum(g.pinned is None for g in groups),
+                                probes=spec.probes)
+    t1 = time.perf_counter()
+    log.info("fit: probing %d groups at %s on %d tokens (probes per %s), streaming the checkpoint",
+             sum(g.pinned is None for g in groups), spec.probe, sum(int(t.numel()) for t in texts), spec.probes)
+    measure.measure_sensitivity(groups, ckpt, texts, spec.probe, progress, spec.probes)
+    log.info("fit: measured in %.0f s (weight errors %.0f s, probes %.0f s)", time.perf_counter() - t0, t1 - t0,
+             time.perf_counter() - t1)
+    return texts
 
 
 def choose_types(groups: list[Group], free: int) -> tuple[dict[str, str], float] | None:
@@ -262,7 +269,7 @@ def plain_recipe(recipe, res: FitResult) -> dict:
     basis = (f"device {res.spec.device}, context {res.spec.context}, vision {res.spec.vision}" if res.spec.device
              else f"budget {res.spec.budget}")
     gguf["fitted"] = {"budget_bytes": res.budget_bytes, "predicted_kl": None if res.predicted_kl is None else float(f"{res.predicted_kl:.6g}"),
-                      "basis": f"{basis}; probes at {res.spec.probe} on {res.spec.samples} calibration samples"}
+                      "basis": f"{basis}; probes per {res.spec.probes} at {res.spec.probe} on {res.spec.samples} calibration samples"}
     if "eval" not in data:
         data["eval"] = {"perplexity": False, "kl": True}  # the measured KL, beside the predicted one
     return data

@@ -1,0 +1,141 @@
+"""`quantize fit` on E4B shapes: measuring and fitting against the calibrated int4 run.
+
+    python bench/e4b_fit.py                          # fit to 4.5 bpw, probes on 4 x 128 tokens
+    python bench/e4b_fit.py --baseline-from bench/results/e4b_calibrated.json   # reuse that run's row
+    python bench/e4b_fit.py --size e4b-2             # E4B widths, 2 layers (a quick check)
+
+One checkpoint of E4B's real text shapes (bench/synthetic_e4b.py, random bf16, shared with
+bench/conversion_cost.py and bench/e4b_calibrated.py), then, each as its own child process with
+wall time, CPU time and peak RSS measured as bench/conversion_cost.py does (VmHWM of the tree):
+
+- fit: ``python -m quantize fit`` of recipes/int4.yaml with ``exports.gguf.fit`` (a byte budget
+  from ``--budget``, probes on ``--samples`` x ``--seq-len`` embedded calibration tokens, the
+  default probe type Q4_0): weight errors at every candidate type, the streamed probes, the
+  allocation, the plain recipe and its text GGUF (``--no-eval``);
+- the baseline: ``python -m quantize run`` of recipes/int4.yaml (GPTQ int4 act-order,
+  ``--calib`` tokens, text GGUF), as bench/e4b_calibrated.py runs it; or, with
+  ``--baseline-from``, that script's recorded row (the table says which: a recorded row was
+  measured at another time and load).
+
+Target (issue 14): fit costs at most 2x the calibrated int4 run. Results: ``--out``/e4b_fit.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GiB = 2**30
+TARGET = 2.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="e4b", help="e4b (35 layers) or e4b-N (E4B widths, N layers)")
+    p.add_argument("--budget", default="4.5bpw", help="fit's budget (bytes or bits per weight)")
+    p.add_argument("--samples", type=int, default=4, help="probe samples")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per probe sample")
+    p.add_argument("--calib", default="4x512", help="the baseline's calibration, samples x tokens")
+    p.add_argument("--baseline-from", help="bench/e4b_calibrated.json: take the baseline from its row instead of running it")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    return p.parse_args(argv)
+
+
+def fit_recipe(model: Path, out: Path, budget: str, samples: int, seq_len: int, force: bool) -> dict:
+    from bench.e4b_calibrated import our_recipe
+
+    r = our_recipe(model, out, samples, seq_len, force)
+    r["exports"]["gguf"]["fit"] = {"budget": budget, "samples": samples}
+    return r
+
+
+def phases(log_text: str) -> dict:
+    """fit's own account of its measuring time (its log line "measured in ... (weight errors A s, probes B s)")."""
+    m = re.search(r"weight errors (\d+) s, probes (\d+) s", log_text)
+    return {"weight_errors_s": int(m.group(1)), "probes_s": int(m.group(2))} if m else {}
+
+
+def main(argv=None) -> int:
+    from bench.conversion_cost import measure, size_model
+    from bench.e4b_calibrated import our_recipe, parse_calib
+    from bench.results_file import write_results
+
+    args = parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model, why = size_model(args.size, work)
+    if model is None:
+        raise SystemExit(f"size {args.size}: {why}")
+    layers = json.loads((model / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
+    sw = work / "fit"
+    if sw.exists():
+        shutil.rmtree(sw)
+    sw.mkdir(parents=True)
+    res: dict = {"size": args.size, "layers": layers, "budget": args.budget, "probe_tokens": f"{args.samples}x{args.seq_len}"}
+
+    out = sw / "fit-out"
+    recipe = sw / "fit.yaml"
+    recipe.write_text(json.dumps(fit_recipe(model, out, args.budget, args.samples, args.seq_len, layers != 35)))
+    print(f"fit: quantize fit --budget {args.budget} on {args.samples} x {args.seq_len} probe tokens ...", flush=True)
+    m = measure([sys.executable, "-m", "quantize", "fit", recipe, "--no-eval"], env, sw / "fit.log")
+    m.update(phases((sw / "fit.log").read_text(errors="replace")))
+    m["gguf_bytes"] = sum(f.stat().st_size for f in out.glob("*.gguf"))
+    res["fit"] = m
+    print(f"fit: {m['wall_s']:.1f} s, peak {m['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+
+    n, length = parse_calib(args.calib)
+    if args.baseline_from:
+        rows = json.loads(Path(args.baseline_from).read_text())["rows"]
+        row = next((r for r in rows if r["calib"] == args.calib and r["layers"] == layers), None)
+        if row is None:
+            raise SystemExit(f"{args.baseline_from}: no row for {args.calib} at {layers} layers")
+        res["baseline"] = {**row["ours"], "source": f"recorded in {Path(args.baseline_from).name}"}
+    else:
+        bout = sw / "int4-out"
+        brecipe = sw / "int4.yaml"
+        brecipe.write_text(json.dumps(our_recipe(model, bout, n, length, force=layers != 35)))
+        print(f"baseline: quantize run recipes/int4.yaml (GPTQ, {args.calib}) ...", flush=True)
+        b = measure([sys.executable, "-m", "quantize", "run", brecipe, "--no-eval"], env, sw / "int4.log")
+        res["baseline"] = {**b, "source": "run in this script"}
+        shutil.rmtree(bout, ignore_errors=True)
+    base = res["baseline"]
+    res["ratio"] = {"wall": m["wall_s"] / base["wall_s"], "cpu": m["cpu_s"] / base["cpu_s"]}
+    res["met"] = res["ratio"]["wall"] <= TARGET
+    res["load_average"] = os.getloadavg()
+
+    cmd = "python bench/e4b_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    split = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in m.items()
+                      if k in ("weight_errors_s", "probes_s"))
+    md = "\n".join([
+        "# fit on E4B shapes against the calibrated int4 run\n",
+        f"`{cmd.strip()}`, {args.threads} threads on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
+        f"at the end, {datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py ({layers} layers of "
+        "E4B's text shapes, random bf16). fit: `quantize fit` of recipes/int4.yaml with `exports.gguf.fit` "
+        f"(budget {args.budget}, probes at Q4_0 on {args.samples} x {args.seq_len} tokens, streamed), text GGUF written, "
+        f"no eval. Baseline: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, {args.calib} tokens), "
+        f"{base['source']}.\n",
+        "| | wall s | CPU s | peak RSS GiB |", "|---|---:|---:|---:|",
+        f"| fit (measure + choose + write; {split}) | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | {m['peak_rss_bytes'] / GiB:.2f} |",
+        f"| calibrated int4 | {base['wall_s']:.0f} | {base['cpu_s']:.0f} | {base['peak_rss_bytes'] / GiB:.2f} |",
+        f"| ratio | **{res['ratio']['wall']:.2f}x** | {res['ratio']['cpu']:.2f}x | |", "",
+        f"Target (fit at most {TARGET}x the calibrated run's wall time): **{'met' if res['met'] else 'MISSED'}**.", ""])
+    write_results(Path(args.out), "e4b_fit", {"command": cmd.strip(), **res}, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
