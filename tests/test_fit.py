@@ -163,8 +163,9 @@ def test_the_plain_recipe_reproduces_the_gguf_byte_for_byte(fitted):
 def test_probe_memory_is_one_layer_and_the_output_layer_and_refused_where_it_cannot_fit(tmp_path, tiny_trained):
     """The streamed probes' memory estimate from transformers' own module shapes, by hand: one
     decoder layer and the tied output layer in fp32, each twice (float and fake-quantized), the
-    probe tokens' table rows, 4 AltUp hidden states per stream plus the base, one chunk of
-    float64 log-probabilities; a machine with less is refused in one line before any work."""
+    probe tokens' table rows, 4 AltUp hidden states per kept state (streams, or the gradient
+    pass's layer inputs and gradients) plus two, one chunk of float64 log-probabilities; a
+    machine with less is refused in one line before any work."""
     import torch
     from transformers import Gemma3nForConditionalGeneration
 
@@ -180,8 +181,8 @@ def test_probe_memory_is_one_layer_and_the_output_layer_and_refused_where_it_can
     layer = sum(p.numel() for p in lm.layers[0].parameters())
     head = model.lm_head.weight.numel()
     assert model.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()  # tied: one table
-    # 25 layers, 2 tables, k and v of the 2 KV store layers (18 sliding, 19 full)
-    streams = 25 + 2 + 4
+    # the gradient pass keeps every layer's input (25) and two sets of 8 label draws' gradients (and the base's)
+    streams = 25 + 2 * 8 + 1
     rows = 100 * (tc.hidden_size + tc.num_hidden_layers * tc.hidden_size_per_layer_input)
     want = (8 * layer + 8 * head + 4 * rows + (streams + 2) * 100 * 4 * 4 * tc.hidden_size
             + 8 * 4 * POSITIONS_PER_CHUNK * tc.vocab_size)

@@ -8,8 +8,8 @@ where e_g(t) is the relative squared weight error of t on g's own weights (ggml'
 as llama.cpp's ``llama-quantize`` runs it without an imatrix; gguf's own dequantizer) and s_g is
 measured once per group: the KL against the unquantized model, on the recipe's calibration text,
 of the model with only g fake-quantized at the probe type, s_g = KL / e_g(probe). The probes
-stream the checkpoint (``streamed_probe``: one pass over the layers; a group inside a decoder
-layer gets its layer's true KL shared by the change each group makes to the layer's output);
+stream the checkpoint (``streamed_probe``: a group inside a decoder layer gets a Fisher estimate
+of its KL from sampled output gradients; the token tables their true KL);
 ``Prober`` (the whole model in transformers, one full forward per swap) is the reference they
 are checked against in the tests and the bench.
 A group is one GGUF tensor (per layer: attn_q/k/v/output, ffn_gate/up/down, inp_gate, proj;
@@ -112,7 +112,7 @@ def measure_errors(groups: list[Group], ckpt) -> None:
             g.error[t] = sum(e * n for e, n in errs) / total if total else 0.0
 
 
-def prober_bytes(ckpt, positions: int, n_groups: int | None = None, probes: str = "layer") -> int:
+def prober_bytes(ckpt, positions: int, n_groups: int | None = None, probes: str = "gradient") -> int:
     """Memory the probes need (``streamed_probe.probe_bytes``) for ``n_groups`` probed groups
     (default: every group a Gemma 3n text GGUF has: 9 per layer, the two tables)."""
     from quantize.fit.streamed_probe import probe_bytes
@@ -121,14 +121,15 @@ def prober_bytes(ckpt, positions: int, n_groups: int | None = None, probes: str 
     return probe_bytes(ckpt, positions, n_streams(ckpt.text_config, 9 * n + 2 if n_groups is None else n_groups, probes))
 
 
-def n_streams(text_config: dict, n_groups: int, probes: str = "layer") -> int:
-    """Streams ``measure_sensitivity`` runs at most: per group; or per layer, the two tables and
-    k and v of each KV store layer."""
-    from quantize.model import kv_groups
+def n_streams(text_config: dict, n_groups: int, probes: str = "gradient") -> int:
+    """Hidden states ``measure_sensitivity`` keeps per position at most: a stream per group
+    (``group``); with ``gradient``, the two tables' streams or, in the gradient pass, every
+    layer's input and the label samples' gradients (``streamed_probe.LABEL_SAMPLES``)."""
+    from quantize.fit.streamed_probe import LABEL_SAMPLES
 
     if probes == "group":
         return n_groups
-    return min(n_groups, int(text_config["num_hidden_layers"]) + 2 + 2 * len(kv_groups(text_config)))
+    return max(2, int(text_config["num_hidden_layers"]) + 2 * LABEL_SAMPLES + 1)
 
 
 def available_bytes() -> int | None:
@@ -141,7 +142,7 @@ def available_bytes() -> int | None:
 
 
 def check_prober_memory(ckpt, positions: int, available: int | None = None, n_groups: int | None = None,
-                        probes: str = "layer") -> None:
+                        probes: str = "gradient") -> None:
     """One line, before minutes of work, where the probes cannot fit: the process would be killed
     by the kernel instead. ``available``: bytes (default: this machine's ``available_bytes``)."""
     from quantize.errors import QuantizeError
@@ -209,41 +210,30 @@ def probe_type(g: Group, probe: str) -> str:
     return probe if probe in g.types else g.types[0]
 
 
-def measure_sensitivity(groups: list[Group], ckpt, texts, probe: str, progress: bool = True, probes: str = "layer") -> None:
-    """s_g = KL_g / e_g(probe) for every unpinned group, from one streamed pass (``streamed_probe``).
+def measure_sensitivity(groups: list[Group], ckpt, texts, probe: str, progress: bool = True, probes: str = "gradient",
+                        seed: int = 0) -> None:
+    """s_g = KL_g / e_g(probe) for every unpinned group, streaming the checkpoint (``streamed_probe``).
 
-    ``probes="group"``: every group's true KL (a stream from its layer to the end: about 9 x 35 / 2
-    layer forwards per layer of the model). ``probes="layer"`` (the default: E4B's cost): a group
-    inside one decoder layer (attention, MLP, per-layer gate and projection; the k/v of a layer
-    that keeps its cache to itself) shares its layer's true KL (every such group of the layer
-    fake-quantized together) in proportion to the change it alone makes to the layer's output,
-    KL_g = KL_layer * d_g / d_layer; the token tables and a KV store layer's k/v reach beyond
-    their layer and get their own true KL."""
-    from quantize.fit.streamed_probe import EMBEDDING, run_probes, start_of
-    from quantize.model import kv_groups
+    ``probes="gradient"`` (the default: E4B in under an hour on 2 cores): a group inside a decoder
+    layer gets the Fisher estimate of its KL (``streamed_probe.gradient_probes``: the change it
+    makes to its layer's output, and to the K/V a store layer shares, against sampled output
+    gradients; ``seed`` draws the labels); the two token tables, which act at every layer and
+    (the token table) at the output, get their true KL. ``probes="group"``: every group's true
+    KL (a stream from its layer to the end: about 5x the time on E4B)."""
+    from quantize.fit.streamed_probe import EMBEDDING, gradient_probes, run_probes, start_of
 
-    stores = {g.producer for g in kv_groups(ckpt.text_config)}
     todo = [g for g in groups if g.pinned is None]
-    own, by_layer = [], {}
+    own, inside = [], []
     for g in todo:
         starts = {start_of(s) for s in g.sources}
-        j = starts.pop() if len(starts) == 1 else EMBEDDING
-        kv = any(s.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")) for s in g.sources)
-        if probes == "group" or j == EMBEDDING or (j in stores and kv):
-            own.append(g)
-        else:
-            by_layer.setdefault(j, []).append(g)
-    swaps = lambda gs: {s: probe_type(g, probe) for g in gs for s in g.sources}  # noqa: E731
-    layers = sorted(by_layer)
-    local = [(j, g) for j in layers for g in by_layer[j]]
-    res = run_probes(ckpt, texts, [swaps([g]) for g in own] + [swaps(by_layer[j]) for j in layers],
-                     [swaps([g]) for _, g in local], progress)
-    for g, kl in zip(own, res.stream_kl):
-        g.probe_kl = kl
-    layer_kl = dict(zip(layers, res.stream_kl[len(own):]))
-    layer_change = dict(zip(layers, res.stream_change[len(own):]))
-    for (j, g), d in zip(local, res.local_change):
-        g.probe_kl = layer_kl[j] * d / layer_change[j] if layer_change[j] > 0 else 0.0
+        (inside if probes == "gradient" and len(starts) == 1 and EMBEDDING not in starts else own).append(g)
+    swaps = lambda g: {s: probe_type(g, probe) for s in g.sources}  # noqa: E731
+    if own:
+        for g, kl in zip(own, run_probes(ckpt, texts, [swaps(g) for g in own], progress).stream_kl):
+            g.probe_kl = kl
+    if inside:
+        for g, kl in zip(inside, gradient_probes(ckpt, texts, [swaps(g) for g in inside], seed=seed, progress=progress)):
+            g.probe_kl = kl
     for g in todo:
         e = g.error[probe_type(g, probe)]
         g.sensitivity = g.probe_kl / e if e > 0 else 0.0

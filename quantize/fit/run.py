@@ -210,7 +210,7 @@ def measure_groups(recipe, spec: FitSpec, ckpt, groups: list[Group], progress: b
     t1 = time.perf_counter()
     log.info("fit: probing %d groups at %s on %d tokens (probes per %s), streaming the checkpoint",
              sum(g.pinned is None for g in groups), spec.probe, sum(int(t.numel()) for t in texts), spec.probes)
-    measure.measure_sensitivity(groups, ckpt, texts, spec.probe, progress, spec.probes)
+    measure.measure_sensitivity(groups, ckpt, texts, spec.probe, progress, spec.probes, recipe.seed)
     log.info("fit: measured in %.0f s (weight errors %.0f s, probes %.0f s)", time.perf_counter() - t0, t1 - t0,
              time.perf_counter() - t1)
     return texts

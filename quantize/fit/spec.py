@@ -22,9 +22,9 @@ class FitSpec(BaseModel):
     vision: bool = False
     probe: str = "Q4_0"  # the GGUF type each group is probed at in transformers (sensitivity = KL / weight error)
     samples: int = Field(8, ge=1)  # probe on the first N of the recipe's calibration text samples
-    # "layer": true KL per decoder layer, shared among its groups by their change of the layer's
-    # output (E4B in about an hour on 2 cores); "group": true KL per group (about 6x the probe time)
-    probes: Literal["layer", "group"] = "layer"
+    # "gradient": a Fisher estimate of each decoder-layer group's KL from sampled output gradients,
+    # true KL for the token tables; "group": true KL per group (several times the probe time)
+    probes: Literal["gradient", "group"] = "gradient"
 
     @model_validator(mode="after")
     def _one(self):

@@ -2,24 +2,22 @@
 
 Why not the whole model once per group (``measure.Prober``, kept as the reference the tests and
 bench check this against): it holds the model in fp32 (31 GB for E4B) and runs the full forward
-once per group, about 320 forwards for E4B. Here:
+once per group, about 320 forwards for E4B. Here ``quantize.streamed_model.StreamedModel`` reads
+a decoder layer from the checkpoint, runs it, releases it, and two kinds of probe share passes:
 
-- **One pass over the layers.** ``quantize.streamed_model.StreamedModel`` reads a decoder layer
-  from the checkpoint, runs it, releases it. The pass carries the unquantized model's hidden
-  state (the *base*) and every *stream*: the model with a set of tensors fake-quantized, started
-  where its first swapped tensor acts (its decoder layer; the embedding for the token tables)
-  from the base's state there, with its own KV-sharing dict. Each layer is read once whatever
-  the number of streams. After the last layer each stream's mean KL against the base is computed
-  over the full vocabulary, positions in chunks (no full log-probability table is kept).
-- **Local probes.** A set of tensors inside one decoder layer can also be measured by the change
-  it makes to that layer's output alone (the 4 AltUp streams, squared and summed over positions:
-  d), run on the base's input to the layer. ``measure_sensitivity`` uses one stream per layer
-  (every probed group of the layer fake-quantized: its true KL and its own d) and one local probe
-  per group, and estimates a group's KL as KL_layer * d_group / d_layer: per layer that costs a
-  layer forward per group plus one stream to the end, instead of a full forward per group.
-  Groups whose effect leaves the layer by another road get a stream of their own (true KL): the
-  token table (embedding and the tied output layer), the per-layer table (every layer's
-  per-layer input) and the k/v of KV store layers (their cache feeds the KV-sharing consumers).
+- ``run_probes``, true KL: one pass over the layers carries the unquantized model's hidden state
+  (the *base*) and every *stream*: the model with a set of tensors fake-quantized, started where
+  its first swapped tensor acts (its decoder layer; the embedding for the token tables) from the
+  base's state there, with its own KV-sharing dict. Each layer is read once whatever the number
+  of streams. After the last layer each stream's mean KL against the base is computed over the
+  full vocabulary, positions in chunks (no full log-probability table is kept).
+- ``gradient_probes``, a second-order (Fisher) estimate of the KL of tensors inside one decoder
+  layer: a forward pass keeps every layer's input; labels drawn from the base model's output give
+  output gradients, carried down layer by layer (each layer recomputed from its input, the K/V
+  gradients of KV-sharing consumers carried to their store layer); at each layer every probe
+  runs the layer alone with its tensors fake-quantized and its change is scored against them.
+  Per layer that is one forward with autograd, a backward per label draw and a layer forward per
+  probe, instead of the rest of the model per probe.
 
 A token table's fake-quantized rows equal the rows of the fake-quantized table (GGUF blocks run
 along a row), so the streamed model's row subsets are swapped exactly.
@@ -28,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -48,13 +45,9 @@ TABLE_ROWS_PER_CHUNK = 8192  # rows fake-quantized at a time (the E4B token tabl
 
 @dataclasses.dataclass
 class ProbeResult:
-    """``stream_kl[k]``: mean KL (full vocabulary, per position) of stream k against the base;
-    ``stream_change[k]``: d at the output of the layer stream k starts in (nan for streams that
-    start at the embedding); ``local_change[q]``: d of local probe q."""
+    """``stream_kl[k]``: mean KL (full vocabulary, per position) of stream k against the base."""
 
     stream_kl: list[float]
-    stream_change: list[float]
-    local_change: list[float]
     positions: int
 
 
@@ -74,10 +67,6 @@ def _batches(texts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for ids in texts:
         by_len.setdefault(ids.shape[-1], []).append(ids.reshape(1, -1))
     return [torch.cat(v) for _, v in sorted(by_len.items())]
-
-
-def _sq(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.sum((a.double() - b.double()) ** 2))
 
 
 def _own_kv(ctx):
@@ -150,9 +139,9 @@ class _Swapper:
 
 @torch.no_grad()
 def run_probes(ckpt, texts: Sequence[torch.Tensor], streams: Sequence[Mapping[str, str]],
-               local: Sequence[Mapping[str, str]] = (), progress: bool = True) -> ProbeResult:
-    """KL of each stream (checkpoint name -> GGUF type, fake-quantized together) and d of each
-    local probe (names all in one decoder layer), on ``texts`` ((1, T) token ids), in fp32."""
+               progress: bool = True) -> ProbeResult:
+    """True KL of each stream (checkpoint name -> GGUF type, fake-quantized together) on
+    ``texts`` ((1, T) token ids), in fp32."""
     from tqdm.auto import tqdm
 
     from quantize.sequential import capture_layer_inputs, run_layer
@@ -163,13 +152,6 @@ def run_probes(ckpt, texts: Sequence[torch.Tensor], streams: Sequence[Mapping[st
         if not s:
             raise ValueError(f"stream {k} swaps nothing")
         starts.append(min(start_of(n) for n in s))
-    local_at: dict[int, list[int]] = {}
-    for q, s in enumerate(local):
-        layers = {start_of(n) for n in s}
-        if len(layers) != 1 or EMBEDDING in layers:
-            raise ValueError(f"local probe {q} must swap tensors of one decoder layer, got {sorted(s)}")
-        local_at.setdefault(layers.pop(), []).append(q)
-
     batches = _batches(texts)
     sm = StreamedModel(ckpt, batches, dtype=torch.float32)
     lm = sm.model.model.language_model
@@ -182,9 +164,6 @@ def run_probes(ckpt, texts: Sequence[torch.Tensor], streams: Sequence[Mapping[st
             with _swapped_rows(lm, s):
                 h, ctx = capture_layer_inputs(sm.model, inputs, "cpu", torch.float32, streamed=sm)
             active.append(_Stream(k, h, ctx))
-    stream_change = [math.nan] * len(streams)
-    local_change = [0.0] * len(local)
-
     bar = tqdm(range(len(lm.layers)), desc="fit: probing layers", unit="layer", disable=not progress)
     for j in bar:
         sm.load_layer(j)
@@ -194,23 +173,159 @@ def run_probes(ckpt, texts: Sequence[torch.Tensor], streams: Sequence[Mapping[st
             if starts[k] == j:
                 active.append(_Stream(k, list(base_h), [_own_kv(c) for c in base_ctx]))
         base_out = [run_layer(layer, j, lt, h, c) for h, c in zip(base_h, base_ctx)]
-        for q in local_at.get(j, ()):
-            with swapper.swapped(local[q]):
-                local_change[q] = sum(_sq(run_layer(layer, j, lt, h, _own_kv(c)), o)
-                                      for h, c, o in zip(base_h, base_ctx, base_out))
         for st in active:
             here = {n: t for n, t in streams[st.k].items() if start_of(n) == j}
             with swapper.swapped(here):
                 st.hidden = [run_layer(layer, j, lt, h, c) for h, c in zip(st.hidden, st.contexts)]
-            if starts[st.k] == j:
-                stream_change[st.k] = sum(_sq(a, b) for a, b in zip(st.hidden, base_out))
         base_h = base_out
         swapper = None
         sm.release_layer(j)
 
     sm.load_final()
     kl, positions = _stream_kl(ckpt, lm, base_h, active, streams)
-    return ProbeResult(kl, stream_change, local_change, positions)
+    return ProbeResult(kl, positions)
+
+
+LABEL_SAMPLES = 8  # label draws per position for the Fisher estimate (relative noise about sqrt(2 / (8 x sequences)))
+
+
+@torch.no_grad()
+def gradient_probes(ckpt, texts: Sequence[torch.Tensor], probes: Sequence[Mapping[str, str]], samples: int = LABEL_SAMPLES,
+                    seed: int = 0, labels: Sequence[torch.Tensor] | None = None, progress: bool = True) -> list[float]:
+    """Estimated mean KL (per position) of each probe: checkpoint name -> GGUF type for tensors
+    of one decoder layer, fake-quantized together.
+
+    To second order, KL(p || q) of a small change of the model is 1/2 u^T F u, F the Fisher
+    information of the output distribution (the Gauss-Newton matrix at the base model), and
+    F = E_{y ~ p}[grad log q(y) grad log q(y)^T] (Martens, "New insights and perspectives on
+    the natural gradient method", JMLR 2020, sections 9.2-9.3). So, with ``samples`` labels drawn
+    from the base model at every position,
+
+        KL ~= 1/2 sum_r mean_m s_{m,r}^2,   s_{m,r} = sum_t grad_{h_j} log q(y^m_{r,t}) . delta_r
+
+    where delta_r is the change of layer j's output for sequence r when the probe's tensors are
+    fake-quantized, run on the base's input to the layer (the change itself: only the layers
+    after j are linearised), plus, for a KV store layer, the change of the K/V it leaves for its
+    consumers dotted with their gradients. Sequences are independent: their scores are squared
+    separately, which cuts the variance. ``labels``: per batch (samples, B, T) token ids to use
+    instead of drawing them (tests). Cost: the base forward, then per layer one forward with
+    autograd and ``samples`` backward passes, and one layer forward per probe.
+    """
+    from tqdm.auto import tqdm
+
+    from quantize.sequential import capture_layer_inputs, run_layer
+    from quantize.streamed_model import StreamedModel
+
+    at: dict[int, list[int]] = {}
+    for q, s in enumerate(probes):
+        layers = {start_of(n) for n in s}
+        if len(layers) != 1 or EMBEDDING in layers:
+            raise ValueError(f"probe {q} must swap tensors of one decoder layer, got {sorted(s)}")
+        at.setdefault(layers.pop(), []).append(q)
+    batches = _batches(texts)
+    sm = StreamedModel(ckpt, batches, dtype=torch.float32)
+    lm = sm.model.model.language_model
+    types, modes = lm.config.layer_types, lm.config.kv_sharing_modes
+    n = len(lm.layers)
+    h, base_ctx = capture_layer_inputs(sm.model, [{"input_ids": ids} for ids in batches], "cpu", torch.float32, streamed=sm)
+    bar = tqdm(total=2 * n, desc="fit: probing (forward, then gradients)", unit="layer", disable=not progress)
+    stored = []  # every layer's input: the backward pass recomputes each layer from it
+    for j in range(n):
+        sm.load_layer(j)
+        stored.append(h)
+        h = [run_layer(lm.layers[j], j, types[j], x, c) for x, c in zip(h, base_ctx)]
+        sm.release_layer(j)
+        bar.update()
+    sm.load_final()
+    head_name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else TOKEN_TABLE
+    head = ckpt.get(head_name).to(torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    grads = [_output_scores(lm, head, x, samples, gen, None if labels is None else labels[b]) for b, x in enumerate(h)]
+    del head
+    est = [0.0] * len(probes)
+    kv_grads: dict[str, list] = {}  # attention type -> per batch (dK, dV), each (samples, *K.shape): consumers' sum
+    for j in reversed(range(n)):
+        sm.load_layer(j)
+        layer, lt, mode = lm.layers[j], types[j], modes[j]
+        swapper = _Swapper(layer, j)
+        for b in range(len(batches)):
+            x = stored[j][b].detach().requires_grad_(True)
+            ctx = _own_kv(base_ctx[b])
+            wrt = [x]
+            if mode == "reuse":  # the producer's K/V as leaves: their gradients go back to it
+                kv = tuple(t.detach().requires_grad_(True) for t in ctx.shared_kv[lt])
+                ctx.shared_kv[lt] = kv
+                wrt += list(kv)
+            with torch.enable_grad():
+                out = run_layer(layer, j, lt, x, ctx)
+            outs = [out]
+            downstream = kv_grads.get(lt, [None] * len(batches))[b] if mode == "store" else None
+            if downstream is not None:
+                outs += list(ctx.shared_kv[lt])
+            new = torch.empty((samples, *x.shape), dtype=x.dtype)
+            for m in range(samples):
+                g_out = [grads[b][m]] + ([downstream[0][m], downstream[1][m]] if downstream is not None else [])
+                res = torch.autograd.grad(outs, wrt, g_out, retain_graph=m < samples - 1)
+                new[m] = res[0]
+                if mode == "reuse":
+                    acc = kv_grads.setdefault(lt, [None] * len(batches))
+                    if acc[b] is None:
+                        acc[b] = tuple(torch.zeros((samples, *t.shape), dtype=t.dtype) for t in res[1:])
+                    acc[b][0][m] += res[1]
+                    acc[b][1][m] += res[2]
+            base_out = out.detach()
+            base_kv = tuple(t.detach() for t in ctx.shared_kv[lt]) if downstream is not None else None
+            del out, outs, ctx
+            for q in at.get(j, ()):
+                with swapper.swapped(probes[q]):
+                    c2 = _own_kv(base_ctx[b])
+                    d = run_layer(layer, j, lt, stored[j][b], c2) - base_out  # (altup, B, T, hidden)
+                    score = (grads[b] * d).sum(dim=(1, 3, 4)).double()  # (samples, B)
+                    if base_kv is not None:
+                        for g_kv, new_kv, old in zip(downstream, c2.shared_kv[lt], base_kv):
+                            score += (g_kv * (new_kv - old)).sum(dim=tuple(range(2, g_kv.dim()))).double()
+                est[q] += 0.5 * float((score ** 2).sum(dim=1).mean())
+            grads[b] = new
+        if mode == "store":
+            kv_grads.pop(lt, None)
+        swapper = None
+        sm.release_layer(j)
+        bar.update()
+    bar.close()
+    positions = sum(int(t.numel()) for t in batches)
+    return [e / positions for e in est]
+
+
+def _output_scores(lm, head: torch.Tensor, h: torch.Tensor, samples: int, gen, labels) -> torch.Tensor:
+    """(samples, *h.shape): the gradient of sum_t log q(y_t) with respect to the last layer's
+    output h, for labels y drawn from the base model's distribution (or given, (samples, B, T)).
+    Through the head by hand (d log q(y) / d logits = onehot(y) - p, times the soft cap's
+    derivative 1 - tanh^2), through the final norm and AltUp unembedding by autograd."""
+    cap = lm.config.final_logit_softcapping
+    x = h.detach().requires_grad_(True)
+    with torch.enable_grad():
+        fh = final_hidden(lm, x)  # (B, T, hidden)
+    flat = fh.detach().reshape(-1, fh.shape[-1])
+    g_fh = torch.empty((samples, *flat.shape), dtype=flat.dtype)
+    for s in range(0, flat.shape[0], POSITIONS_PER_CHUNK):
+        z = flat[s:s + POSITIONS_PER_CHUNK] @ head.T
+        t = torch.tanh(z / cap) if cap is not None else None
+        logits = t * cap if cap is not None else z
+        p = torch.softmax(logits.double(), dim=-1)
+        if labels is None:
+            y = torch.multinomial(p, samples, replacement=True, generator=gen).T  # (samples, chunk)
+        else:
+            y = labels.reshape(samples, -1)[:, s:s + POSITIONS_PER_CHUNK]
+        for m in range(samples):
+            g = -p
+            g[torch.arange(len(y[m])), y[m]] += 1.0
+            if t is not None:
+                g = g * (1.0 - t.double() ** 2)
+            g_fh[m, s:s + POSITIONS_PER_CHUNK] = (g.to(head.dtype) @ head)
+    out = torch.empty((samples, *h.shape), dtype=h.dtype)
+    for m in range(samples):
+        out[m] = torch.autograd.grad(fh, x, g_fh[m].reshape(fh.shape), retain_graph=m < samples - 1)[0]
+    return out
 
 
 @contextmanager
