@@ -109,6 +109,12 @@ def test_fit_unknown_profile_lists_valid_ones(tmp_path):
     assert r.returncode == 2 and "exports.gguf.fit.devices" in r.stderr
 
 
+def test_fit_probes_key_lists_valid_modes(tmp_path):
+    r = _cli("run", _recipe(tmp_path, {"budget": "1GB", "probes": "layer"}))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "exports.gguf.fit.probes" in r.stderr and "'gradient'" in r.stderr and "'group'" in r.stderr
+
+
 def test_fit_vision_without_a_runnable_mmproj_is_refused(tmp_path, tiny_trained):
     # the tiny model's text width (256) differs from its vision width (2048): mtmd cannot run it,
     # so there is no mmproj to budget for

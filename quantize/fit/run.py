@@ -208,7 +208,7 @@ def measure_groups(recipe, spec: FitSpec, ckpt, groups: list[Group], progress: b
     measure.check_prober_memory(ckpt, sum(int(t.numel()) for t in texts), n_groups=sum(g.pinned is None for g in groups),
                                 probes=spec.probes)
     t1 = time.perf_counter()
-    log.info("fit: probing %d groups at %s on %d tokens (probes per %s), streaming the checkpoint",
+    log.info("fit: probing %d groups at %s on %d tokens (%s probes), streaming the checkpoint",
              sum(g.pinned is None for g in groups), spec.probe, sum(int(t.numel()) for t in texts), spec.probes)
     measure.measure_sensitivity(groups, ckpt, texts, spec.probe, progress, spec.probes, recipe.seed)
     log.info("fit: measured in %.0f s (weight errors %.0f s, probes %.0f s)", time.perf_counter() - t0, t1 - t0,
@@ -269,7 +269,7 @@ def plain_recipe(recipe, res: FitResult) -> dict:
     basis = (f"device {res.spec.device}, context {res.spec.context}, vision {res.spec.vision}" if res.spec.device
              else f"budget {res.spec.budget}")
     gguf["fitted"] = {"budget_bytes": res.budget_bytes, "predicted_kl": None if res.predicted_kl is None else float(f"{res.predicted_kl:.6g}"),
-                      "basis": f"{basis}; probes per {res.spec.probes} at {res.spec.probe} on {res.spec.samples} calibration samples"}
+                      "basis": f"{basis}; {res.spec.probes} probes at {res.spec.probe} on {res.spec.samples} calibration samples"}
     if "eval" not in data:
         data["eval"] = {"perplexity": False, "kl": True}  # the measured KL, beside the predicted one
     return data
