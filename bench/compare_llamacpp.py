@@ -345,7 +345,7 @@ def main(argv=None) -> int:
                          **({"pair_type": f["pair_type"]} if "pair_type" in f else {}),
                          "path": str(f["path"]), "size_bytes": size, "bpw": size * 8 / n_params,
                          "ppl": q["ppl"], "ppl_stderr": q["ppl_stderr"], "kl_mean": q["kl"]["mean"],
-                         "kl_p99": q["kl"]["p99"], "top1": q["kl"]["top1"],
+                         "kl_p99": q["kl"]["p99"], "top1": q["kl"]["top1"], "kl_windows": q["kl"]["window_means"],
                          "weights_by_type": gguf_facts(f["path"])["weights_by_type"]})
             log.info("%-24s %7.2f MiB  ppl %.4f  KL %.5f  top-1 %.3f", name, size / 2**20, q["ppl"], q["kl"]["mean"], q["kl"]["top1"])
     if not args.no_speed:

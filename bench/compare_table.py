@@ -56,6 +56,7 @@ def quality_verdicts(rows) -> list[dict]:
         else:
             ours = best_ours_within(rows, theirs["size_bytes"])
         ratio = _ratio(ours["kl_mean"], theirs["kl_mean"]) if ours else None
+        ci = kl_interval(ours, theirs) if ours else None
         out.append({
             "target": f"KL({'ours ' + qtype if qtype == 'Q8_0' else 'ours, size <= theirs ' + qtype}) <= {limit}x KL(theirs {theirs['name']})",
             "type": qtype,
@@ -63,10 +64,27 @@ def quality_verdicts(rows) -> list[dict]:
             "ours": ours["name"] if ours else None,
             "size_ratio": _ratio(ours["size_bytes"], theirs["size_bytes"]) if ours else None,
             "kl_ratio": ratio,
+            "kl_ratio_ci": ci,
             "limit": limit,
             "met": ratio is not None and ratio <= limit,
+            # the windows do not tell the ratio from the limit: the interval holds both sides of it
+            "resolved": ci is None or not (ci["lo"] <= limit <= ci["hi"]),
         })
     return out
+
+
+def kl_interval(ours, theirs) -> dict | None:
+    """Paired 95% bootstrap interval of the KL ratio over the evaluation windows (None without them)."""
+    from eval.kl import paired_ratio
+
+    if not ours.get("kl_windows") or not theirs.get("kl_windows"):
+        return None
+    return paired_ratio(ours["kl_windows"], theirs["kl_windows"])
+
+
+def _ci(v) -> str:
+    ci = v.get("kl_ratio_ci")
+    return "" if ci is None else f" ({ci['lo']:.3f}-{ci['hi']:.3f})"
 
 
 def pair_rows(rows) -> list[dict]:
@@ -82,6 +100,8 @@ def pair_rows(rows) -> list[dict]:
             speed = [p[k] for k in ("pp_tok_s", "tg_tok_s") if p[k] is not None]
             p["speed_met"] = all(s >= SPEED_TARGET for s in speed) if speed else None
             p["kl_better"] = p["kl_mean"] is not None and p["kl_mean"] <= 1.0
+            p["kl_ratio_ci"] = kl_interval(ours, theirs)
+            p["kl_resolved"] = p["kl_ratio_ci"] is None or not (p["kl_ratio_ci"]["lo"] <= 1.0 <= p["kl_ratio_ci"]["hi"])
             out.append(p)
     return out
 
@@ -115,27 +135,30 @@ def markdown(rows, verdicts, pairs, header: str = "") -> str:
             _f(r.get("kl_mean"), "{:.5f}"), _f(r.get("top1"), "{:.3f}"),
             _f(r.get("pp_tok_s"), "{:.1f}"), _f(r.get("tg_tok_s"), "{:.1f}")))
     lines += ["", "Ratios, ours / llama.cpp (same GGUF type; KL and ppl: lower is better, tok/s: higher is better):", "",
-              "| ours | theirs | size | bpw | ppl | KL | pp tok/s | tg tok/s | verdict |",
+              "| ours | theirs | size | bpw | ppl | KL (paired 95% interval) | pp tok/s | tg tok/s | verdict |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for p in pairs:
         flags = []
         if not p["kl_better"]:
-            flags.append("WORSE KL")
+            flags.append("WORSE KL" + ("" if p.get("kl_resolved", True) else " (not resolved)"))
         if p["speed_met"] is False:
             flags.append(f"SLOWER (< {SPEED_TARGET}x)")
         lines.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            p["ours"], p["theirs"], *(_f(p[k], "{:.3f}") for k in ("size_bytes", "bpw", "ppl", "kl_mean", "pp_tok_s", "tg_tok_s")),
+            p["ours"], p["theirs"], *(_f(p[k], "{:.3f}") + (_ci(p) if k == "kl_mean" else "")
+                                      for k in ("size_bytes", "bpw", "ppl", "kl_mean", "pp_tok_s", "tg_tok_s")),
             ", ".join(flags) or "ok"))
     noise = speed_noise(rows)
     if noise:
         lines += ["", f"Speed noise floor: llama.cpp's imatrix and plain files of one type have identical tensor types, "
                       f"yet their tok/s ratios range {noise['min']:.3f}-{noise['max']:.3f}; speed ratios inside that "
                       "range are not distinguishable from 1.0 on this run."]
-    lines += ["", "Quality-per-bit targets:", "", "| target | ours | size ratio | KL ratio | result |", "|---|---|---:|---:|---|"]
+    lines += ["", "Quality-per-bit targets (KL ratio with its paired 95% bootstrap interval over the evaluation "
+                  "windows, where the results carry them; \"not resolved\": the interval holds the target):", "",
+              "| target | ours | size ratio | KL ratio | result |", "|---|---|---:|---:|---|"]
     for v in verdicts:
         lines.append("| {} | {} | {} | {} | {} |".format(
-            v["target"], v["ours"] or "(none at that size)", _f(v["size_ratio"], "{:.3f}"), _f(v["kl_ratio"], "{:.3f}"),
-            "met" if v["met"] else "WORSE: target missed"))
+            v["target"], v["ours"] or "(none at that size)", _f(v["size_ratio"], "{:.3f}"), _f(v["kl_ratio"], "{:.3f}") + _ci(v),
+            ("met" if v["met"] else "WORSE: target missed") + ("" if v.get("resolved", True) else " (not resolved)")))
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +167,9 @@ def plain_summary(verdicts, pairs) -> list[str]:
     out = []
     for v in verdicts:
         if not v["met"]:
-            got = "no file of ours at that size" if v["kl_ratio"] is None else f"{v['ours']} reaches {v['kl_ratio']:.3f}x"
-            out.append(f"WORSE: {v['type']} quality target missed: {got} of {v['theirs']}'s KL, the target is <= {v['limit']}x.")
+            got = "no file of ours at that size" if v["kl_ratio"] is None else f"{v['ours']} reaches {v['kl_ratio']:.3f}x{_ci(v)}"
+            why = "" if v.get("resolved", True) else " (not resolved: the windows' interval holds the target)"
+            out.append(f"WORSE: {v['type']} quality target missed: {got} of {v['theirs']}'s KL, the target is <= {v['limit']}x{why}.")
     for p in pairs:
         if p["speed_met"] is False:
             out.append(f"WORSE: {p['ours']} runs at {p['pp_tok_s']:.3f}x (prompt) and {p['tg_tok_s']:.3f}x (generation) "

@@ -87,16 +87,23 @@ def main(argv=None) -> int:
     for name, path in files.items():
         q = quality_of(path, base, args.threads, args.seq_len)
         rows.append({"file": name, "path": str(path), "bytes": path.stat().st_size, "kl": q["kl"]["mean"],
-                     "top1": q["kl"]["top1"], "ppl": q.get("ppl")})
+                     "kl_windows": q["kl"]["window_means"], "top1": q["kl"]["top1"], "ppl": q.get("ppl")})
     ref = rows[0]["kl"]
+    from eval.kl import paired_ratio
+
+    for r in rows[1:]:  # paired over the same windows: what the windows share cancels
+        r["ratio_ci"] = paired_ratio(r["kl_windows"], rows[0]["kl_windows"])
     cmd = "python bench/q8_decomposition.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Q8_0: one choice at a time ({args.bench_model} bench model)", "",
              f"`{cmd.strip()}`, {args.threads} threads, {datetime.now(timezone.utc):%Y-%m-%d}, "
              f"{(time.perf_counter() - t0) / 60:.1f} min. KL against the F32 GGUF in llama.cpp, {args.n_windows} windows "
              f"of {args.seq_len} tokens (compare_llamacpp's harness). Model `{model.name}`.", "",
-             "| file | MiB | mean KL | / llama.cpp Q8_0 | top-1 |", "|---|---:|---:|---:|---:|"]
+             "| file | MiB | mean KL | / llama.cpp Q8_0 (paired 95% bootstrap interval over the windows) | top-1 |",
+             "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['kl']:.3e} | {r['kl'] / ref:.3f} | {r['top1']:.3f} |")
+        ci = r.get("ratio_ci")
+        iv = f" ({ci['lo']:.3f}-{ci['hi']:.3f})" if ci else ""
+        lines.append(f"| {r['file']} | {r['bytes'] / 2**20:.2f} | {r['kl']:.3e} | {r['kl'] / ref:.3f}{iv} | {r['top1']:.3f} |")
     md = "\n".join(lines) + "\n"
     suffix = "" if args.bench_model == "tiny" else f"-{args.bench_model}"
     write_results(args.out, f"q8_decomposition{suffix}", {"command": cmd.strip(), "model": model.name, "rows": rows}, md)

@@ -180,7 +180,7 @@ def quality(backend, base: klmod.KLBase | Inputs, ppl: bool = True) -> dict | No
             top1.append(lp.argmax(axis=-1) == kb.top_ids[rows, 0])
     out = perplexity(np.concatenate(nll)) if ppl else {}
     if kb is not None:
-        out["kl"] = klmod.kl_summary(np.concatenate(kl), np.concatenate(top1))
+        out["kl"] = klmod.kl_summary(np.concatenate(kl), np.concatenate(top1), [float(k.mean()) for k in kl])
     return out
 
 

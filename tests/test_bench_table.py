@@ -79,3 +79,23 @@ def test_mixed_file_pairs_with_its_stated_type_and_counts_for_size_targets():
     v = {x["type"]: x for x in table.quality_verdicts(rows)}
     assert v["Q4_0"]["ours"] == "ours mix" and abs(v["Q4_0"]["kl_ratio"] - 0.25) < 1e-12  # 0.010 / 0.040
     assert v["Q4_K_M"]["ours"] == "ours mix" and v["Q4_K_M"]["met"]  # 0.010 / 0.020 = 0.5
+
+
+def test_kl_intervals_mark_what_the_windows_do_not_resolve():
+    """With per-window KL the verdicts carry a paired interval: ours 0.0009 vs 0.0008 on windows
+    that disagree in sign is 'not resolved'; a ratio far from the limit on consistent windows is."""
+    rows = [dict(r) for r in ROWS]
+    by = {r["name"]: r for r in rows}
+    by["lc Q8_0 imat"]["kl_windows"] = [0.0004, 0.0012, 0.0008, 0.0008]
+    by["ours Q8_0"]["kl_windows"] = [0.0012, 0.0004, 0.0010, 0.0010]  # mean 0.0009: 1.125x, but window by window both ways
+    by["lc Q4_0 imat"]["kl_windows"] = [0.030, 0.050, 0.040, 0.040]
+    by["ours Q4_0"]["kl_windows"] = [0.015, 0.025, 0.020, 0.020]  # 0.5x in every window
+    v = {x["type"]: x for x in table.quality_verdicts(rows)}
+    q8, q4 = v["Q8_0"], v["Q4_0"]
+    assert not q8["met"] and not q8["resolved"] and q8["kl_ratio_ci"]["lo"] < 1.0 < q8["kl_ratio_ci"]["hi"]
+    assert q4["met"] and q4["resolved"] and abs(q4["kl_ratio_ci"]["lo"] - 0.5) < 1e-12 and abs(q4["kl_ratio_ci"]["hi"] - 0.5) < 1e-12
+    assert v["Q4_K_M"]["kl_ratio_ci"] is None and v["Q4_K_M"]["resolved"]  # no windows: no interval
+    misses = table.plain_summary(list(v.values()), table.pair_rows(rows))
+    assert any(m.startswith("WORSE: Q8_0") and "not resolved" in m for m in misses)
+    md = table.markdown(rows, list(v.values()), table.pair_rows(rows), "# t")
+    assert "WORSE: target missed (not resolved)" in md and "WORSE KL (not resolved)" in md

@@ -70,6 +70,21 @@ def test_summary_and_perplexity_by_hand():
     assert p["ppl"] == pytest.approx(np.e ** 2) and p["n_tokens"] == 3
 
 
+def test_window_means_and_paired_ratio_by_hand():
+    s = klmod.kl_summary(np.array([0.0, 0.1, 0.2, 0.3]), np.array([True] * 4), [0.05, 0.25])
+    assert s["window_means"] == [0.05, 0.25] and s["mean"] == pytest.approx(0.15)
+    a = np.array([1.0, 2.0, 3.0, 4.0])
+    r = klmod.paired_ratio(2 * a, a)  # every resample of paired windows has ratio exactly 2
+    assert r["ratio"] == 2 and r["lo"] == pytest.approx(2) and r["hi"] == pytest.approx(2) and r["windows"] == 4
+    # two windows, KL 1 and 3 against 1 and 1: a resample is {0,0}, {0,1}/{1,0} or {1,1}, ratio 1, 2 or 3 with
+    # probabilities 1/4, 1/2, 1/4, so the 5th and 95th percentiles are 1 and 3
+    r = klmod.paired_ratio([1.0, 3.0], [1.0, 1.0], level=0.9)
+    assert (r["ratio"], r["lo"], r["hi"]) == (2.0, 1.0, 3.0)
+    assert klmod.paired_ratio([1.0, 3.0], [1.0, 1.0], level=0.9) == r  # deterministic
+    with pytest.raises(EvalError, match="same windows"):
+        klmod.paired_ratio([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
 def test_base_round_trip(tmp_path):
     ref, _ = _dists(n=6, vocab=40)
     ids, vals, rest = _base_rows(ref, 5)

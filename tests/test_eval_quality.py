@@ -90,6 +90,10 @@ def test_reference_kl_is_exactly_zero_and_quantization_orders(st_results):
     assert i8["quality"]["kl"]["top1"] >= i4["quality"]["kl"]["top1"]
     n_scored = SETTINGS.n_windows * (SETTINGS.seq_len - 1 - SETTINGS.seq_len // 2)
     assert ref["quality"]["n_tokens"] == ref["quality"]["kl"]["n_tokens"] == n_scored
+    # one mean per window (equal scored counts: their mean is the mean), for paired comparisons
+    w = i4["quality"]["kl"]["window_means"]
+    assert len(w) == SETTINGS.n_windows and sum(w) / len(w) == pytest.approx(i4["quality"]["kl"]["mean"], rel=1e-12)
+    assert ref["quality"]["kl"]["window_means"] == [0.0] * SETTINGS.n_windows
 
 
 def test_reference_ppl_matches_transformers_cross_entropy(st_results, work):
