@@ -167,13 +167,11 @@ class Prober:
         import torch
         from transformers import Gemma3nForConditionalGeneration
 
+        from quantize.fit.streamed_probe import batches_by_length
+
         self.model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
         self.params = dict(self.model.named_parameters())
-        # samples of one length run as one batch: a probe costs a forward per length, not per sample
-        by_len: dict[int, list] = {}
-        for ids in texts:
-            by_len.setdefault(ids.shape[-1], []).append(ids.reshape(1, -1))
-        self.texts = [torch.cat(v) for _, v in sorted(by_len.items())]
+        self.texts = batches_by_length(texts)
         self.base = [self._logp(ids) for ids in self.texts]
 
     def _logp(self, ids):

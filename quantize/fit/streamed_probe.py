@@ -61,8 +61,8 @@ def start_of(name: str) -> int:
     return int(m.group(1))
 
 
-def _batches(texts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Samples of one length as one batch, as ``measure.Prober`` runs them."""
+def batches_by_length(texts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Samples of one length as one batch (sorted by length): a probe costs a forward per length, not per sample."""
     by_len: dict[int, list] = {}
     for ids in texts:
         by_len.setdefault(ids.shape[-1], []).append(ids.reshape(1, -1))
@@ -152,7 +152,7 @@ def run_probes(ckpt, texts: Sequence[torch.Tensor], streams: Sequence[Mapping[st
         if not s:
             raise ValueError(f"stream {k} swaps nothing")
         starts.append(min(start_of(n) for n in s))
-    batches = _batches(texts)
+    batches = batches_by_length(texts)
     sm = StreamedModel(ckpt, batches, dtype=torch.float32)
     lm = sm.model.model.language_model
     types = lm.config.layer_types
@@ -222,7 +222,7 @@ def gradient_probes(ckpt, texts: Sequence[torch.Tensor], probes: Sequence[Mappin
         if len(layers) != 1 or EMBEDDING in layers:
             raise ValueError(f"probe {q} must swap tensors of one decoder layer, got {sorted(s)}")
         at.setdefault(layers.pop(), []).append(q)
-    batches = _batches(texts)
+    batches = batches_by_length(texts)
     sm = StreamedModel(ckpt, batches, dtype=torch.float32)
     lm = sm.model.model.language_model
     types, modes = lm.config.layer_types, lm.config.kv_sharing_modes
