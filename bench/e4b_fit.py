@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=4, help="probe samples")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per probe sample")
     p.add_argument("--calib", default="4x512", help="the baseline's calibration, samples x tokens")
-    p.add_argument("--baseline-from", help="bench/e4b_calibrated.json: take the baseline from its row instead of running it")
+    p.add_argument("--baseline-from", help="bench/e4b_calibrated.json or e4b_fit.json: take the calibrated run recorded "
+                   "there (same --calib and layers) instead of running it")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -98,43 +99,68 @@ def main(argv=None) -> int:
 
     n, length = parse_calib(args.calib)
     if args.baseline_from:
-        rows = json.loads(Path(args.baseline_from).read_text())["rows"]
-        row = next((r for r in rows if r["calib"] == args.calib and r["layers"] == layers), None)
-        if row is None:
-            raise SystemExit(f"{args.baseline_from}: no row for {args.calib} at {layers} layers")
-        res["baseline"] = {**row["ours"], "source": f"recorded in {Path(args.baseline_from).name}"}
+        res["baseline"] = recorded_baseline(Path(args.baseline_from), args.calib, layers)
     else:
         bout = sw / "int4-out"
         brecipe = sw / "int4.yaml"
         brecipe.write_text(json.dumps(our_recipe(model, bout, n, length, force=layers != 35)))
         print(f"baseline: quantize run recipes/int4.yaml (GPTQ, {args.calib}) ...", flush=True)
         b = measure([sys.executable, "-m", "quantize", "run", brecipe, "--no-eval"], env, sw / "int4.log")
-        res["baseline"] = {**b, "source": "run in this script"}
+        res["baseline"] = {**b, "calib": args.calib, "source": "run in this script"}
         shutil.rmtree(bout, ignore_errors=True)
     base = res["baseline"]
     res["ratio"] = {"wall": m["wall_s"] / base["wall_s"], "cpu": m["cpu_s"] / base["cpu_s"]}
     res["met"] = res["ratio"]["wall"] <= TARGET
     res["load_average"] = os.getloadavg()
+    res["command"] = "python bench/e4b_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["date"] = f"{datetime.now(timezone.utc):%Y-%m-%d}"
 
-    cmd = "python bench/e4b_fit.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    split = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s" for k, v in m.items()
-                      if k in ("weight_errors_s", "probes_s"))
-    md = "\n".join([
-        "# fit on E4B shapes against the calibrated int4 run\n",
-        f"`{cmd.strip()}`, {args.threads} threads on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
-        f"at the end, {datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py ({layers} layers of "
-        "E4B's text shapes, random bf16). fit: `quantize fit` of recipes/int4.yaml with `exports.gguf.fit` "
-        f"(budget {args.budget}, probes at Q4_0 on {args.samples} x {args.seq_len} tokens, streamed), text GGUF written, "
-        f"no eval. Baseline: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, {args.calib} tokens), "
-        f"{base['source']}.\n",
-        "| | wall s | CPU s | peak RSS GiB |", "|---|---:|---:|---:|",
-        f"| fit (measure + choose + write; {split}) | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | {m['peak_rss_bytes'] / GiB:.2f} |",
-        f"| calibrated int4 | {base['wall_s']:.0f} | {base['cpu_s']:.0f} | {base['peak_rss_bytes'] / GiB:.2f} |",
-        f"| ratio | **{res['ratio']['wall']:.2f}x** | {res['ratio']['cpu']:.2f}x | |", "",
-        f"Target (fit at most {TARGET}x the calibrated run's wall time): **{'met' if res['met'] else 'MISSED'}**.", ""])
-    write_results(Path(args.out), "e4b_fit", {"command": cmd.strip(), **res}, md)
+    out_dir = Path(args.out)
+    jpath = out_dir / "e4b_fit.json"
+    old = json.loads(jpath.read_text()).get("rows", []) if jpath.exists() else []
+    key = lambda r: (r["layers"], r["budget"], r["probe_tokens"])  # noqa: E731
+    rows = {key(r): r for r in old}
+    rows[key(res)] = res  # a rerun of a setting replaces its row; other settings' rows are kept
+    ordered = sorted(rows.values(), key=lambda r: (-r["layers"], r["budget"], r["fit"].get("probes_s", 0)))
+    md = markdown(ordered, args.threads)
+    write_results(out_dir, "e4b_fit", {"rows": ordered}, md)
     print(md)
     return 0
+
+
+def recorded_baseline(path: Path, calib: str, layers: int) -> dict:
+    """The calibrated run of ``calib`` at ``layers`` layers from bench/e4b_calibrated.json (its
+    rows' ``ours``) or from an earlier e4b_fit.json (a baseline it ran itself)."""
+    rows = json.loads(path.read_text())["rows"]
+    for r in rows:
+        if r["layers"] != layers:
+            continue
+        if r.get("calib") == calib and "ours" in r:
+            return {**r["ours"], "calib": calib, "source": f"recorded in {path.name} ({r.get('load_average', ['?'])[0]} load)"}
+        b = r.get("baseline") or {}
+        if b.get("calib") == calib and b.get("source") == "run in this script":
+            return {**b, "source": f"recorded in {path.name} (run by `{r['command']}`)"}
+    raise SystemExit(f"{path}: no calibrated run of {calib} at {layers} layers")
+
+
+def markdown(rows: list[dict], threads: int) -> str:
+    lines = ["# fit on E4B shapes against the calibrated int4 run\n",
+             f"Checkpoint: bench/synthetic_e4b.py (E4B's text shapes, random bf16), {threads} threads on {os.cpu_count()} "
+             "cores. fit: `quantize fit` of recipes/int4.yaml with `exports.gguf.fit` (the budget, probes at Q4_0 on "
+             "the probe tokens, gradient probes, streamed), the text GGUF written, no eval. Baseline: `quantize run` of "
+             "recipes/int4.yaml (GPTQ int4 act-order, text GGUF). Target: fit at most "
+             f"{TARGET}x the calibrated run's wall time. One row per setting (the last run of each).\n",
+             "| layers | budget | probe tokens | fit wall s (CPU s) | weight errors s | probes s | fit peak GiB | "
+             "calibrated run wall s (CPU s), peak GiB | ratio (wall) | target | run |",
+             "|---:|---|---|---:|---:|---:|---:|---|---:|---|---|"]
+    for r in rows:
+        f, b = r["fit"], r["baseline"]
+        lines.append(f"| {r['layers']} | {r['budget']} | {r['probe_tokens']} | {f['wall_s']:.0f} ({f['cpu_s']:.0f}) | "
+                     f"{f.get('weight_errors_s', '-')} | {f.get('probes_s', '-')} | {f['peak_rss_bytes'] / GiB:.2f} | "
+                     f"{b['wall_s']:.0f} ({b['cpu_s']:.0f}), {b['peak_rss_bytes'] / GiB:.2f} ({b.get('calib', '?')}; "
+                     f"{b['source']}) | **{r['ratio']['wall']:.2f}x** | {'met' if r['met'] else 'MISSED'} | "
+                     f"`{r['command']}`, {r.get('date', '')}, load {r['load_average'][0]:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
