@@ -199,9 +199,6 @@ class Prober:
             for name, data in saved.items():
                 self.params[name].data = data
 
-    def missing(self, names) -> list[str]:
-        return [n for n in names if n not in self.params]
-
 
 def probe_type(g: Group, probe: str) -> str:
     """The type g is probed at: ``probe``, or g's cheapest candidate where ``probe`` does not fit its rows."""
@@ -217,7 +214,7 @@ def measure_sensitivity(groups: list[Group], ckpt, texts, probe: str, progress: 
     makes to its layer's output, and to the K/V a store layer shares, against sampled output
     gradients; ``seed`` draws the labels); the two token tables, which act at every layer and
     (the token table) at the output, get their true KL. ``probes="group"``: every group's true
-    KL (a stream from its layer to the end: about 5x the time on E4B)."""
+    KL (a stream from its layer to the end: several times the time; not measured on E4B)."""
     from quantize.fit.streamed_probe import EMBEDDING, gradient_probes, run_probes, start_of
 
     todo = [g for g in groups if g.pinned is None]

@@ -205,11 +205,11 @@ def measure_groups(recipe, spec: FitSpec, ckpt, groups: list[Group], progress: b
     t0 = time.perf_counter()
     measure.measure_errors(groups, ckpt)
     texts = probe_texts(recipe, ckpt.folder, spec.samples)
-    measure.check_prober_memory(ckpt, sum(int(t.numel()) for t in texts), n_groups=sum(g.pinned is None for g in groups),
-                                probes=spec.probes)
+    positions, probed = sum(int(t.numel()) for t in texts), sum(g.pinned is None for g in groups)
+    measure.check_prober_memory(ckpt, positions, n_groups=probed, probes=spec.probes)
     t1 = time.perf_counter()
     log.info("fit: probing %d groups at %s on %d tokens (%s probes), streaming the checkpoint",
-             sum(g.pinned is None for g in groups), spec.probe, sum(int(t.numel()) for t in texts), spec.probes)
+             probed, spec.probe, positions, spec.probes)
     measure.measure_sensitivity(groups, ckpt, texts, spec.probe, progress, spec.probes, recipe.seed)
     log.info("fit: measured in %.0f s (weight errors %.0f s, probes %.0f s)", time.perf_counter() - t0, t1 - t0,
              time.perf_counter() - t1)

@@ -97,6 +97,12 @@ def _logp(hidden: torch.Tensor, head: torch.Tensor, cap: float | None) -> torch.
     return torch.log_softmax(logits.double(), dim=-1)
 
 
+def output_layer(ckpt) -> tuple[str, torch.Tensor]:
+    """The LM head's checkpoint name and its weight in fp32 (Gemma 3n ties it to the token table)."""
+    name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else TOKEN_TABLE
+    return name, ckpt.get(name).to(torch.float32)
+
+
 def _fake_quantized_table(w: torch.Tensor, qtype: str) -> torch.Tensor:
     from quantize.fit.measure import fake_quantized
 
@@ -237,8 +243,7 @@ def gradient_probes(ckpt, texts: Sequence[torch.Tensor], probes: Sequence[Mappin
         sm.release_layer(j)
         bar.update()
     sm.load_final()
-    head_name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else TOKEN_TABLE
-    head = ckpt.get(head_name).to(torch.float32)
+    _, head = output_layer(ckpt)
     gen = torch.Generator().manual_seed(seed)
     grads = [_output_scores(lm, head, x, samples, gen, None if labels is None else labels[b]) for b, x in enumerate(h)]
     del head
@@ -347,8 +352,7 @@ def _swapped_rows(lm, swaps: Mapping[str, str]):
 
 def _stream_kl(ckpt, lm, base_h, active: list[_Stream], streams) -> tuple[list[float], int]:
     """Each stream's mean KL against the base over every position and the full vocabulary."""
-    head_name = "lm_head.weight" if "lm_head.weight" in ckpt.tensors else TOKEN_TABLE  # Gemma 3n ties them
-    head = ckpt.get(head_name).to(torch.float32)
+    head_name, head = output_layer(ckpt)
     heads = {}
     for st in active:
         t = streams[st.k].get(head_name)
