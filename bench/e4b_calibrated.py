@@ -132,6 +132,8 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
 
 
 def verdict(r: dict) -> str:
+    if r["layers"] != 35:  # a cut-down checkpoint: llama.cpp's peak shrinks with its per-layer table
+        return f"not a target row ({r['layers']} of E4B's 35 layers: per-layer cost and peak only)"
     miss = [what for what, ok in (("RSS", r["ratio"]["peak_rss"] <= TARGET_RSS),
                                   ("wall time", r["ratio"]["wall"] <= TARGET_WALL)) if not ok]
     return "met" if not miss else "MISSED: " + " and ".join(miss)

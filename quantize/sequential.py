@@ -6,13 +6,14 @@ own code, see ``capture_layer_inputs``). Then for each decoder layer in turn:
 
 1. the layer is moved to ``device``; only its inputs for all calibration batches are alive;
 2. AWQ scales (if asked) are searched on the float layer and absorbed where that is exact;
-3. the layer runs on every batch with float weights; its outputs are kept as the reference;
+3. the layer runs on every batch with float weights; the outputs of the first batches (up to
+   ``REFERENCE_TOKENS`` tokens) are kept as the reference for the report's relative error;
 4. "true sequential" stages: q/k/v (one shared input), o_proj, gate/up (one shared input),
    down_proj. For each stage the layer runs again with the earlier stages already quantized,
    hooks collect the stage's input statistics (Hessian for GPTQ, mean x^2 / mean |x| for
    importance RTN and AWQ), the stage's linears are quantized and their dequantized weights
    are written into the module, so the model computes the fake-quantized function;
-5. the quantized layer's outputs become the next layer's inputs.
+5. the quantized layer's outputs replace its inputs, batch by batch, as the next layer's.
 
 Gemma 3n specifics: the hidden state is AltUp's 4 streams (4, B, T, D); every layer gets its
 slice of the per-layer inputs, the rotary table and mask of its attention type, and a
@@ -54,6 +55,7 @@ STAGES = (
     ("mlp_out", ("mlp.down_proj",)),
 )
 LINEARS = tuple(m for _, ms in STAGES for m in ms)
+REFERENCE_TOKENS = 4096  # calibration tokens whose float layer outputs score the report's rel_error
 _NAME_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(" + "|".join(re.escape(m) for m in LINEARS) + r")\.weight$")
 
 
@@ -74,7 +76,8 @@ class SequentialResult:
       kept), as scale vectors (``quantize.source.Rescale``): kept ones are written, and GGUF
       types that re-encode floats encode, these weights, never the checkpoint's;
     - ``report``: per layer (int): seconds, methods, fallbacks, notes and the relative error of
-      the quantized layer's output against the float layer on the same inputs;
+      the quantized layer's output against the float layer on the same inputs (the first
+      calibration batches, up to ``REFERENCE_TOKENS`` tokens);
     - ``kv_scales``: with ``kv_fp8``, ``{producer layer: (k_scale, v_scale)}`` per KV-sharing
       group (shared by its consumers); ``layer_kv_scales`` has every layer's cache scales, the
       consumers' pointing at their producer's values.
@@ -254,6 +257,11 @@ def _stage_towers(streamed, towers: list[set[str]], b: int) -> None:
             streamed.release_tower(t)
 
 
+def _tokens(h: torch.Tensor) -> int:
+    """Tokens of one batch's hidden state (AltUp streams, batch, time, width)."""
+    return h.shape[1] * h.shape[2]
+
+
 def run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContext) -> torch.Tensor:
     """One decoder layer on one batch, with exactly the arguments Gemma3nTextModel.forward passes."""
     return layer(
@@ -361,6 +369,13 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
     result = SequentialResult(tensors=spill if spill is not None else {})
 
     hidden, contexts = capture_layer_inputs(model, batches, device, compute_dtype, streamed=streamed, progress=progress)
+    # The report's relative output error is measured on the first batches up to REFERENCE_TOKENS
+    # tokens (at least one batch): their float outputs wait for the final pass, so this bounds
+    # that copy whatever the calibration size (all of E4B's 4 x 512; 8 of its 32 x 512 batches).
+    n_ref, seen = 0, 0
+    while n_ref < len(hidden) and (n_ref == 0 or seen + _tokens(hidden[n_ref]) <= REFERENCE_TOKENS):
+        seen += _tokens(hidden[n_ref])
+        n_ref += 1
     kv_ranges: dict[int, KVRange] = {}
     producer_of_type: dict[str, int] = {}
 
@@ -378,17 +393,26 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         rep = {"methods": {}, "fallbacks": {}, "notes": []}
         done: dict[str, QuantizedTensor] = {}  # this layer's results
 
-        def run_all(store: list | None = None, kv: KVRange | None = None):
+        def run_all(store: list | None = None, kv: KVRange | None = None, final: bool = False):
+            """``store``: keeps the outputs of the first ``n_ref`` batches (the float reference).
+            ``final``: each output replaces its batch's input (no second set of hidden states)
+            and is scored against the reference."""
             for b, ctx in enumerate(contexts):
                 out = run_layer(layer, i, lt, hidden[b], ctx)
-                if store is not None:
+                if store is not None and b < n_ref:
                     store.append(out)
+                if final:
+                    if b < len(reference):
+                        err[0] += float(((out - reference[b]) ** 2).sum())
+                        err[1] += float((reference[b] ** 2).sum())
+                        reference[b] = None
+                    hidden[b] = out
                 if kv is not None and modes[i] == "store":
                     kv.add(*ctx.shared_kv[lt])
 
         if wanted:
             _awq(layer, i, wanted, run_all, result, rep)
-        reference: list[torch.Tensor] = []
+        reference: list[torch.Tensor | None] = []
         first_stats = None
         stage0 = [p for p in STAGES[0][1] if p in wanted]
         if stage0:
@@ -417,34 +441,29 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                 rep["methods"][p] = scheme.label()
                 if "fallback" in qt.info:
                     rep["fallbacks"][p] = qt.info["fallback"]
-        # Final pass: the quantized layer's outputs feed the next layer; store layers write the
-        # quantized K/V into the shared dicts for their consumers.
+        # This layer's statistics (a down_proj Hessian is 1 GiB on E4B) go before its final
+        # pass and the next layer: memory holds one layer's state, not two.
+        first_stats = st = None
+        # Final pass: the quantized layer's outputs feed the next layer (each replacing its
+        # batch's input: one set of hidden states alive, 512 MiB at E4B's 32 x 512 tokens);
+        # store layers write the quantized K/V into the shared dicts for their consumers.
         kv = None
         if kv_fp8 and modes[i] != "reuse":
             kv = kv_ranges.setdefault(i, KVRange())
-        new_hidden: list[torch.Tensor] = []
+        err = [0.0, 0.0]
         if kv is not None and modes[i] != "store":
             handles = _kv_hooks(layer, contexts, lt, kv)
             try:
-                run_all(new_hidden)
+                run_all(final=True)
             finally:
                 for hd in handles:
                     hd.remove()
         else:
-            run_all(new_hidden, kv)
+            run_all(kv=kv, final=True)
         if modes[i] == "store":
             producer_of_type[lt] = i
-        if reference:
-            num = sum(float(((a - r) ** 2).sum()) for a, r in zip(new_hidden, reference))
-            den = sum(float((r ** 2).sum()) for r in reference)
-            rep["rel_error"] = math.sqrt(num / den) if den > 0 else 0.0
-        else:
-            rep["rel_error"] = 0.0
-        hidden = new_hidden
-        # This layer's statistics (a down_proj Hessian is 1 GiB on E4B) go before the next
-        # layer's: device memory holds one layer's state, not two.
+        rep["rel_error"] = math.sqrt(err[0] / err[1]) if err[1] > 0 else 0.0
         del reference
-        first_stats = st = None
         if streamed is not None:
             streamed.release_layer(i)
         else:

@@ -358,3 +358,42 @@ def test_returned_importance_is_the_layer_inputs_mean_square(random_model, fresh
     for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         torch.testing.assert_close(result.importance[text_linear_name(0, m)].double(), want, rtol=1e-4, atol=1e-8)
     assert set(result.importance) == set(schemes)
+
+
+@pytest.mark.parametrize("ref_tokens, n_ref", [(48, 1), (4096, 2)])
+def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeypatch, ref_tokens, n_ref):
+    """The report's relative error of layer 0 against the model's own forward: the float model's
+    layer-0 outputs, and the same model with only layer 0 replaced by the returned codes (layer
+    0's input does not depend on layer 0), on the first batches up to REFERENCE_TOKENS tokens."""
+    import quantize.sequential as seq
+
+    model = fresh
+    _, pristine = random_model
+    monkeypatch.setattr(seq, "REFERENCE_TOKENS", ref_tokens)
+    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4"]
+               for i in range(len(model.model.language_model.layers)) for m in existing_linears(model, i)}
+    batches = make_batches()  # 48 and 64 tokens
+    res = quantize_text_decoder(model, schemes, batches, progress=False)
+
+    def layer0_outputs():
+        outs = []
+        hd = model.model.language_model.layers[0].register_forward_hook(lambda m, a, out: outs.append(out.double()))
+        try:
+            with torch.no_grad():
+                for b in batches[:n_ref]:
+                    model(**b)
+        finally:
+            hd.remove()
+        return outs
+
+    model.load_state_dict(pristine)
+    ref = layer0_outputs()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, qt in res.tensors.items():
+            if n.startswith(f"{LAYERS}.0."):
+                params[n].copy_(qt.dequantize())
+    got = layer0_outputs()
+    num = sum(float(((g - r) ** 2).sum()) for g, r in zip(got, ref))
+    den = sum(float((r ** 2).sum()) for r in ref)
+    assert res.report[0]["rel_error"] == pytest.approx(math.sqrt(num / den), rel=1e-4)
