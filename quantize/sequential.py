@@ -36,6 +36,7 @@ import torch
 
 from quantize.errors import QuantizeError
 from quantize.kv_cache import KVRange
+from quantize.memory import release_free_memory
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
 from quantize.methods.gptq import gptq_quantize
 from quantize.methods.rtn import quantize_rtn
@@ -473,6 +474,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         else:
             result.tensors.update(done)
         done = qt = None  # the codes live in the result (or on disk) only
+        release_free_memory()  # else the freed layer's heap pages stay resident (quantize.memory)
         rep["seconds"] = round(time.perf_counter() - t0, 3)
         result.report[i] = rep
         for p, why in rep["fallbacks"].items():
