@@ -246,6 +246,7 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
 
     from calibrate import build_calibration
     from quantize.compat import check_transformers
+    from quantize.memory import release_free_memory
     from quantize.sequential import quantize_text_decoder
     from quantize.spill import SpilledTensors
     from quantize.streamed_model import StreamedModel
@@ -286,6 +287,9 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
             compute_dtype=torch.float32, streamed=streamed, spill=SpilledTensors(spill),
         )
     del model, streamed
+    # the calibration's hidden states and last layer are freed: their heap pages go back before
+    # the writers allocate theirs (quantize.memory)
+    release_free_memory()
     return calib.manifest, result, importance
 
 
