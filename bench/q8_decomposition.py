@@ -56,7 +56,6 @@ VARIANTS = {
 DITHER = {"rtn-dither-2": 1.002, "rtn-dither-4": 1.004, "rtn-dither-6": 1.006}
 for _name in DITHER:
     VARIANTS[_name] = VARIANTS["rtn-plain"]
-TOKEN_TABLE = "model.language_model.embed_tokens.weight"
 
 
 @contextmanager
@@ -68,6 +67,7 @@ def scaled_token_table(mult: float | None):
         return
     import torch
 
+    from quantize.fit.streamed_probe import TOKEN_TABLE
     from quantize.methods import dispatch, rtn
     from quantize.qtensor import QuantizedTensor
 
