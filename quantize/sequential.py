@@ -394,22 +394,25 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         rep = {"methods": {}, "fallbacks": {}, "notes": []}
         done: dict[str, QuantizedTensor] = {}  # this layer's results
 
-        def run_all(store: list | None = None, kv: KVRange | None = None, final: bool = False):
+        def run_all(store: list | None = None, kv: KVRange | None = None, final: list | None = None) -> float:
             """``store``: keeps the outputs of the first ``n_ref`` batches (the float reference).
-            ``final``: each output replaces its batch's input (no second set of hidden states)
-            and is scored against the reference."""
+            ``final`` (that reference): the final pass; each output replaces its batch's input
+            (no second set of hidden states) and the relative error against the reference's
+            batches is returned (their memory freed as they are scored)."""
+            num = den = 0.0
             for b, ctx in enumerate(contexts):
                 out = run_layer(layer, i, lt, hidden[b], ctx)
                 if store is not None and b < n_ref:
                     store.append(out)
-                if final:
-                    if b < len(reference):
-                        err[0] += float(((out - reference[b]) ** 2).sum())
-                        err[1] += float((reference[b] ** 2).sum())
-                        reference[b] = None
+                if final is not None:
+                    if b < len(final):
+                        num += float(((out - final[b]) ** 2).sum())
+                        den += float((final[b] ** 2).sum())
+                        final[b] = None
                     hidden[b] = out
                 if kv is not None and modes[i] == "store":
                     kv.add(*ctx.shared_kv[lt])
+            return math.sqrt(num / den) if den > 0 else 0.0
 
         if wanted:
             _awq(layer, i, wanted, run_all, result, rep)
@@ -451,20 +454,17 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         kv = None
         if kv_fp8 and modes[i] != "reuse":
             kv = kv_ranges.setdefault(i, KVRange())
-        err = [0.0, 0.0]
         if kv is not None and modes[i] != "store":
             handles = _kv_hooks(layer, contexts, lt, kv)
             try:
-                run_all(final=True)
+                rep["rel_error"] = run_all(final=reference)
             finally:
                 for hd in handles:
                     hd.remove()
         else:
-            run_all(kv=kv, final=True)
+            rep["rel_error"] = run_all(kv=kv, final=reference)
         if modes[i] == "store":
             producer_of_type[lt] = i
-        rep["rel_error"] = math.sqrt(err[0] / err[1]) if err[1] > 0 else 0.0
-        del reference
         if streamed is not None:
             streamed.release_layer(i)
         else:

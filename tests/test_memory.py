@@ -20,6 +20,9 @@ def rss() -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim and /proc are Linux's")
 def test_freed_blocks_pinned_in_the_heap_leave_after_release():
     torch.empty(16 * MiB // 4)  # a freed 16 MiB mmapped block: glibc raises its mmap threshold past it
+    # Earlier tests in this process leave freed heap pages resident; new blocks would reuse them
+    # without raising the RSS. Hand them back first, so the blocks below touch fresh pages.
+    release_free_memory()
     before = rss()
     big, small = [], []
     for _ in range(24):  # 384 MiB of 16 MiB blocks, each followed by a small live one that pins the heap
