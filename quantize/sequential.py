@@ -10,6 +10,7 @@ own code, see ``capture_layer_inputs``). Then for each decoder layer in turn:
    ``REFERENCE_TOKENS`` tokens) are kept as the reference for the report's relative error;
 4. "true sequential" stages: q/k/v (one shared input), o_proj, gate/up (one shared input),
    down_proj. For each stage the layer runs again with the earlier stages already quantized,
+   up to the stage's input only (the first stage's inputs come from step 3's pass), and
    hooks collect the stage's input statistics (Hessian for GPTQ, mean x^2 / mean |x| for
    importance RTN and AWQ), the stage's linears are quantized and their dequantized weights
    are written into the module, so the model computes the fake-quantized function;
@@ -62,6 +63,12 @@ _NAME_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(" + "|".join(re.
 
 class SequentialError(QuantizeError):
     """The schemes, batches or model given to the sequential engine do not fit together."""
+
+
+class _InputsTaken(Exception):
+    """Raised by a stage's pre-hook once it has recorded its linear's input: the rest of that
+    pass (for o_proj and gate/up the whole MLP, AltUp's correction and the per-layer gate, about
+    90% of an E4B layer's multiply-adds) would only be discarded. Never leaves this module."""
 
 
 @dataclass
@@ -277,8 +284,14 @@ def run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContex
     )
 
 
-def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
-    """Input statistics of the given linears (each read by a forward pre-hook) over all batches."""
+def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool,
+             stop: bool = False) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
+    """Input statistics of the given linears (each read by a forward pre-hook) over all batches.
+
+    ``stop``: one linear, and ``run_all`` only needs its input: each batch's forward ends there
+    (the statistics are those of the full forward, which computes the same input first)."""
+    if stop and len(module_paths) != 1:
+        raise ValueError("stop: a pass can end at one linear's input, not several")
     stats = {}
     handles = []
     for path in module_paths:
@@ -293,6 +306,8 @@ def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool) -> dict
             st[0].add(x)
             if st[1] is not None:
                 st[1].add(x)
+            if stop:
+                raise _InputsTaken
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run_all()
@@ -401,7 +416,10 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             batches is returned (their memory freed as they are scored)."""
             num = den = 0.0
             for b, ctx in enumerate(contexts):
-                out = run_layer(layer, i, lt, hidden[b], ctx)
+                try:
+                    out = run_layer(layer, i, lt, hidden[b], ctx)
+                except _InputsTaken:  # a stage pass (no store, kv or final) stopped at its input
+                    continue
                 if store is not None and b < n_ref:
                     store.append(out)
                 if final is not None:
@@ -430,7 +448,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             if s_idx == 0:
                 st = first_stats[paths[0]]
             elif _needs_stats(wanted, todo):
-                st = _collect(layer, run_all, [paths[0]], _needs_hessian(wanted, todo))[paths[0]]
+                st = _collect(layer, run_all, [paths[0]], _needs_hessian(wanted, todo), stop=True)[paths[0]]
             else:
                 st = None
             for p in todo:

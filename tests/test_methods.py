@@ -176,6 +176,26 @@ def test_stats_match_direct_formulas():
     assert torch.allclose(h.diag(), a.mean_sq, atol=1e-5)
 
 
+@pytest.mark.parametrize("cols, block", [(200, 64), (200, 200), (130, 2048)])
+def test_tiled_hessian_is_the_full_second_moment(cols, block):
+    """The accumulator computes only the tiles on and above the diagonal (uneven last tile
+    included) and mirrors the rest: against x^T x / n in float64 over chunks of different sizes
+    (an empty one too), and still right when more tokens come after a read."""
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(n, cols, generator=g) * (torch.rand(cols, generator=g) * 3 + 0.1) for n in (37, 0, 90, 5)]
+    acc = HessianAccumulator(cols, block=block)
+    for c in chunks[:3]:
+        acc.add(c)
+    x = torch.cat(chunks[:3]).double()
+    want = x.T @ x / x.shape[0]
+    h = acc.hessian().double()
+    torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    acc.add(chunks[3])
+    x = torch.cat(chunks).double()
+    torch.testing.assert_close(acc.hessian().double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    torch.testing.assert_close(acc.diag().double(), (x ** 2).mean(0), rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- GPTQ
 
 

@@ -397,3 +397,54 @@ def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeyp
     num = sum(float(((g - r) ** 2).sum()) for g, r in zip(got, ref))
     den = sum(float((r ** 2).sum()) for r in ref)
     assert res.report[0]["rel_error"] == pytest.approx(math.sqrt(num / den), rel=1e-4)
+
+
+def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(random_model, fresh, monkeypatch):
+    """The Hessian GPTQ gets for every stage of layers 0 and 1 (each stage's pass ends at that
+    stage's input) is mean x x^T of the linear's input in the model's own full forward, with
+    layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes."""
+    import quantize.sequential as seq
+
+    _, pristine = random_model
+    got = {}
+    real = seq.gptq_quantize
+
+    def spy(name, weight, hessian, scheme):
+        got[name] = hessian.detach().double().clone()
+        return real(name, weight, hessian, scheme)
+
+    monkeypatch.setattr(seq, "gptq_quantize", spy)
+    batches = make_batches()
+    layers = {i: existing_linears(fresh, i) for i in (0, 1)}
+    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i, ms in layers.items() for m in ms}
+    res = quantize_text_decoder(fresh, schemes, batches, progress=False)
+    assert set(got) == set(schemes)
+
+    checked = 0
+    for i, present in layers.items():
+        earlier = [text_linear_name(0, m) for m in layers[0]] if i == 1 else []
+        for _stage, paths in seq.STAGES:
+            stage = [p for p in paths if p in present]
+            if not stage:
+                continue
+            fresh.load_state_dict(pristine)
+            params = dict(fresh.named_parameters())
+            with torch.no_grad():
+                for n in earlier:
+                    params[n].copy_(res.tensors[n].dequantize())
+            xs = []
+            mod = fresh.model.language_model.layers[i].get_submodule(stage[0])
+            hd = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+            try:
+                with torch.no_grad():
+                    for b in batches:
+                        fresh(**b)
+            finally:
+                hd.remove()
+            x = torch.cat(xs)
+            want = x.T @ x / x.shape[0]
+            for p in stage:
+                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+                checked += 1
+            earlier += [text_linear_name(i, p) for p in stage]
+    assert checked == len(schemes)

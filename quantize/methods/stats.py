@@ -20,24 +20,44 @@ class HessianAccumulator:
 
     GPTQ is invariant to that factor (the dampening is relative to the mean diagonal), so the
     plain second moment is kept; ``diag()`` is then exactly the importance vector (mean x^2).
+
+    The matrix is symmetric, so ``add`` computes only the blocks on and above the diagonal
+    (``block`` x ``block`` tiles) and ``hessian()`` mirrors the rest: for E4B's down_proj
+    (16384 columns, 8 tiles) that is 36 of 64 tile products, and this product is the largest
+    cost of a calibrated layer at 32 x 512 tokens (16384^2 multiply-adds per token, more than
+    the layer's forward). Below the tile size it is one plain product.
     """
 
-    def __init__(self, cols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, cols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 block: int = 2048):
         self.cols = cols
         self.n = 0
         self.h = torch.zeros(cols, cols, device=device, dtype=dtype)
+        edges = list(range(0, cols, block)) + [cols]
+        self._tiles = [slice(a, b) for a, b in zip(edges, edges[1:])]
 
     def add(self, x: torch.Tensor) -> None:
         x = _flat(x, self.cols).to(device=self.h.device, dtype=self.h.dtype)
         m = x.shape[0]
         if m == 0:
             return
-        self.h.mul_(self.n / (self.n + m))
-        self.h.addmm_(x.t(), x, alpha=1.0 / (self.n + m))
+        keep, alpha = self.n / (self.n + m), 1.0 / (self.n + m)
+        for a, rows in enumerate(self._tiles):
+            xt = x[:, rows].t()
+            for cols in self._tiles[a:]:
+                tile = self.h[rows, cols]
+                tile.mul_(keep)
+                tile.addmm_(xt, x[:, cols], alpha=alpha)
         self.n += m
 
     def hessian(self) -> torch.Tensor:
-        """fp32 (cols, cols) second moment; zeros if nothing was seen."""
+        """fp32 (cols, cols) second moment; zeros if nothing was seen.
+
+        The mirror is written in place (no second 1 GiB matrix for E4B's down_proj): ``add``
+        never reads the tiles below the diagonal, so it can go on accumulating afterwards."""
+        for a, rows in enumerate(self._tiles):
+            for cols in self._tiles[a + 1:]:
+                self.h[cols, rows] = self.h[rows, cols].t()
         return self.h.to(torch.float32)
 
     def diag(self) -> torch.Tensor:
