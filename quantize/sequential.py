@@ -10,7 +10,8 @@ own code, see ``capture_layer_inputs``). Then for each decoder layer in turn:
    ``REFERENCE_TOKENS`` tokens) are kept as the reference for the report's relative error;
 4. "true sequential" stages: q/k/v (one shared input), o_proj, gate/up (one shared input),
    down_proj. For each stage the layer runs again with the earlier stages already quantized,
-   up to the stage's input only (the first stage's inputs come from step 3's pass), and
+   up to the stage's input only (the first stage's inputs come from step 3's pass, which
+   itself ends there for the batches past the reference), and
    hooks collect the stage's input statistics (Hessian for GPTQ, mean x^2 / mean |x| for
    importance RTN and AWQ), the stage's linears are quantized and their dequantized weights
    are written into the module, so the model computes the fake-quantized function;
@@ -30,7 +31,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -63,12 +64,6 @@ _NAME_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(" + "|".join(re.
 
 class SequentialError(QuantizeError):
     """The schemes, batches or model given to the sequential engine do not fit together."""
-
-
-class _InputsTaken(Exception):
-    """Raised by a stage's pre-hook once it has recorded its linear's input: the rest of that
-    pass (for o_proj and gate/up the whole MLP, AltUp's correction and the per-layer gate, about
-    90% of an E4B layer's multiply-adds) would only be discarded. Never leaves this module."""
 
 
 @dataclass
@@ -116,7 +111,10 @@ class _BatchContext:
 
 
 class _StopForward(Exception):
-    pass
+    """Ends a forward whose remaining work would be discarded: the capture's last recorder, and a
+    statistics hook once it has its linear's input and the batch's output is not needed (for
+    o_proj and gate/up that skips the MLP, AltUp's correction and the per-layer gate: about 90%
+    of an E4B layer's multiply-adds). Never leaves this module."""
 
 
 def text_linear_name(layer: int, module: str) -> str:
@@ -285,12 +283,13 @@ def run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContex
 
 
 def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool,
-             stop: bool = False) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
+             stop: Callable[[], bool] | None = None) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
     """Input statistics of the given linears (each read by a forward pre-hook) over all batches.
 
-    ``stop``: one linear, and ``run_all`` only needs its input: each batch's forward ends there
-    (the statistics are those of the full forward, which computes the same input first)."""
-    if stop and len(module_paths) != 1:
+    ``stop`` (one linear only): asked after each input is recorded; True ends that batch's
+    forward there (``run_all`` knows whether it needs the batch's output). The statistics are
+    those of the full forward, which computes the same input first."""
+    if stop is not None and len(module_paths) != 1:
         raise ValueError("stop: a pass can end at one linear's input, not several")
     stats = {}
     handles = []
@@ -306,8 +305,8 @@ def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool,
             st[0].add(x)
             if st[1] is not None:
                 st[1].add(x)
-            if stop:
-                raise _InputsTaken
+            if stop is not None and stop():
+                raise _StopForward
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         run_all()
@@ -317,7 +316,8 @@ def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool,
     return stats
 
 
-def _quantize_one(name: str, weight: torch.Tensor, scheme: QuantScheme, st) -> QuantizedTensor:
+def _quantize_one(name: str, weight: torch.Tensor, scheme: QuantScheme, st, last: bool) -> QuantizedTensor:
+    """``last``: no later linear of the stage reads ``st``'s Hessian, so GPTQ may work in its memory."""
     acts, hess = st if st is not None else (None, None)
     importance = acts.mean_sq.cpu() if (acts is not None and scheme.importance) else None
     if scheme.method == "gptq":
@@ -325,7 +325,7 @@ def _quantize_one(name: str, weight: torch.Tensor, scheme: QuantScheme, st) -> Q
             qt = quantize_rtn(name, weight.cpu(), scheme, importance=importance)
             qt.info["fallback"] = "rtn: no calibration tokens reached this linear"
             return qt
-        return gptq_quantize(name, weight, hess.hessian(), scheme)
+        return gptq_quantize(name, weight, hess.hessian(), scheme, consume=last)
     return quantize_rtn(name, weight.detach().cpu(), scheme, importance=importance)
 
 
@@ -409,6 +409,11 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         rep = {"methods": {}, "fallbacks": {}, "notes": []}
         done: dict[str, QuantizedTensor] = {}  # this layer's results
 
+        needs_output = [True]  # whether the batch running now needs the layer's output (set by run_all)
+
+        def output_unused() -> bool:
+            return not needs_output[0]
+
         def run_all(store: list | None = None, kv: KVRange | None = None, final: list | None = None) -> float:
             """``store``: keeps the outputs of the first ``n_ref`` batches (the float reference).
             ``final`` (that reference): the final pass; each output replaces its batch's input
@@ -416,9 +421,10 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             batches is returned (their memory freed as they are scored)."""
             num = den = 0.0
             for b, ctx in enumerate(contexts):
+                needs_output[0] = final is not None or kv is not None or (store is not None and b < n_ref)
                 try:
                     out = run_layer(layer, i, lt, hidden[b], ctx)
-                except _InputsTaken:  # a stage pass (no store, kv or final) stopped at its input
+                except _StopForward:  # a statistics hook has its input; this output is not needed
                     continue
                 if store is not None and b < n_ref:
                     store.append(out)
@@ -438,7 +444,9 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         first_stats = None
         stage0 = [p for p in STAGES[0][1] if p in wanted]
         if stage0:
-            first_stats = _collect(layer, lambda: run_all(reference), [STAGES[0][1][0]], _needs_hessian(wanted, stage0))
+            # batches past the reference end at q_proj's input (all of them at 4 x 512: none)
+            first_stats = _collect(layer, lambda: run_all(reference), [STAGES[0][1][0]], _needs_hessian(wanted, stage0),
+                                   stop=output_unused)
         elif wanted:
             run_all(reference)
         for s_idx, (stage, paths) in enumerate(STAGES):
@@ -448,14 +456,14 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             if s_idx == 0:
                 st = first_stats[paths[0]]
             elif _needs_stats(wanted, todo):
-                st = _collect(layer, run_all, [paths[0]], _needs_hessian(wanted, todo), stop=True)[paths[0]]
+                st = _collect(layer, run_all, [paths[0]], _needs_hessian(wanted, todo), stop=output_unused)[paths[0]]
             else:
                 st = None
             for p in todo:
                 name = text_linear_name(i, p)
                 mod = layer.get_submodule(p)
                 scheme = wanted[p]
-                qt = _quantize_one(name, mod.weight.data, scheme, st)
+                qt = _quantize_one(name, mod.weight.data, scheme, st, last=p == todo[-1])
                 mod.weight.data.copy_(qt.dequantize().to(device=mod.weight.device, dtype=mod.weight.dtype))
                 done[name] = qt
                 if st is not None:

@@ -285,6 +285,43 @@ def test_gptq_leaves_the_callers_hessian_as_it_was(act_order):
         assert torch.equal(acc.hessian(), before)
 
 
+def test_permute_symmetric_in_place_is_fancy_indexing():
+    from quantize.methods.gptq import _permute_symmetric_
+
+    g = torch.Generator().manual_seed(13)
+    a = torch.randn(70, 70, generator=g)
+    h = a @ a.T
+    for perm in (torch.randperm(70, generator=g), torch.arange(70), torch.arange(69, -1, -1)):
+        got = h.clone()
+        _permute_symmetric_(got, perm, rows=16)
+        assert torch.equal(got, h[perm][:, perm])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_consuming_the_hessian_gives_the_same_codes(act_order):
+    """The last linear of a stage lets GPTQ work in the Hessian's own memory: same codes, scales
+    and loss as on a copy; a fallback still weighs by the original diagonal (mean x^2)."""
+    x = correlated_inputs(512, 64, seed=14)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    scheme = QuantScheme(type="int4", method="gptq", act_order=act_order)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(15))
+    kept = gptq_quantize("w", w, acc.hessian(), scheme)
+    h = acc.hessian().clone()
+    took = gptq_quantize("w", w, h, scheme, consume=True)
+    assert torch.equal(took.codes, kept.codes) and torch.equal(took.scales, kept.scales)
+    assert took.info == kept.info
+    assert not torch.equal(h, acc.hessian())  # its memory was the working matrix
+
+    bad = acc.hessian().clone()
+    bad[5, 6] = bad[6, 5] = 10 * float(bad.diagonal().max())  # symmetric, finite, not positive definite
+    diag = bad.diagonal().clone()
+    imp = QuantScheme(type="int4", method="gptq", importance=True, act_order=act_order, dampening=0.0)
+    fb = gptq_quantize("w", w, bad, imp, consume=True)
+    assert fb.info["fallback"].startswith("rtn: hessian not positive definite")
+    assert torch.equal(fb.codes, quantize_rtn("w", w, imp, importance=diag).codes)
+
+
 def three_step_factor(h: torch.Tensor) -> torch.Tensor:
     """chol(H^-1) as the reference implementation computes it: chol(H), its inverse, chol again."""
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)

@@ -399,19 +399,22 @@ def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeyp
     assert res.report[0]["rel_error"] == pytest.approx(math.sqrt(num / den), rel=1e-4)
 
 
-def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(random_model, fresh, monkeypatch):
+@pytest.mark.parametrize("ref_tokens", [4096, 48])
+def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(random_model, fresh, monkeypatch, ref_tokens):
     """The Hessian GPTQ gets for every stage of layers 0 and 1 (each stage's pass ends at that
-    stage's input) is mean x x^T of the linear's input in the model's own full forward, with
+    stage's input; with a one-batch reference the float pass ends at q_proj's input for the
+    second batch) is mean x x^T of the linear's input in the model's own full forward, with
     layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes."""
     import quantize.sequential as seq
 
+    monkeypatch.setattr(seq, "REFERENCE_TOKENS", ref_tokens)
     _, pristine = random_model
     got = {}
     real = seq.gptq_quantize
 
-    def spy(name, weight, hessian, scheme):
+    def spy(name, weight, hessian, scheme, **kw):
         got[name] = hessian.detach().double().clone()
-        return real(name, weight, hessian, scheme)
+        return real(name, weight, hessian, scheme, **kw)
 
     monkeypatch.setattr(seq, "gptq_quantize", spy)
     batches = make_batches()
