@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="on: static groups, as recipes/int4.yaml; off: dynamic groups")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--side", choices=["new", "reference", "inversion", "factor"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["new", "consumed", "reference", "inversion", "factor"], help=argparse.SUPPRESS)
     p.add_argument("--dump", help=argparse.SUPPRESS)  # child: where to save the codes  # child process: one side, one shape
     p.add_argument("--shape", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -86,10 +86,10 @@ def run_side(args) -> dict:
 
         h.diagonal().add_(scheme.dampening * torch.diagonal(h).mean())
         codes = inverse_cholesky_upper(h)[0]
-    elif args.side == "new":
+    elif args.side in ("new", "consumed"):
         from quantize.methods.gptq import gptq_quantize
 
-        q = gptq_quantize("w", w, h, scheme)
+        q = gptq_quantize("w", w, h, scheme, consume=args.side == "consumed")
         assert "fallback" not in q.info, q.info
         codes = q.codes
     else:
@@ -97,7 +97,7 @@ def run_side(args) -> dict:
 
         codes, _, _ = gptq_reference(w, h, scheme)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    if args.dump and args.side in ("new", "reference"):
+    if args.dump and args.side in ("new", "consumed", "reference"):
         torch.save(codes, args.dump)
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "extra_peak_bytes": _vm("VmHWM") - base}
 
@@ -138,10 +138,12 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         inversion, factor = child("inversion", shape, "off"), child("factor", shape, "off")
         for act in args.act_order:
-            r, n = child("reference", shape, act), child("new", shape, act)
+            r, n, c = child("reference", shape, act), child("new", shape, act), child("consumed", shape, act)
             same = float((torch.load(dumps / "reference.pt") == torch.load(dumps / "new.pt")).float().mean())
+            if not torch.equal(torch.load(dumps / "new.pt"), torch.load(dumps / "consumed.pt")):
+                raise SystemExit(f"{shape} act-order {act}: GPTQ on the consumed Hessian gave other codes")
             rows_out.append({"shape": shape, "module": NAMES.get(tuple(int(v) for v in shape.split("x")), ""),
-                             "act_order": act, "reference": r, "new": n, "inversion_cpu_s": inversion["cpu_s"],
+                             "act_order": act, "reference": r, "new": n, "consumed": c, "inversion_cpu_s": inversion["cpu_s"],
                              "factor_cpu_s": factor["cpu_s"],
                              "speedup_wall": round(r["wall_s"] / n["wall_s"], 2), "speedup_cpu": round(r["cpu_s"] / n["cpu_s"], 2),
                              "same_codes": same})
@@ -152,16 +154,19 @@ def main(argv=None) -> int:
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}. CPU s is the fairer measure on a shared machine. "
              "Factor CPU s: the factor of H^-1 alone, the reference's three steps / ours. Peak: memory allocated beyond the inputs (weights and Hessian); the "
              "reference copy frees the Hessian and its Cholesky factor once used, as the new code does (the code "
-             "before kept all four n x n matrices: 4.9 GB RSS in all at down_proj's shape).\n",
+             "before kept all four n x n matrices: 4.9 GB RSS in all at down_proj's shape). Consumed: the same GPTQ "
+             "working in the caller's Hessian (`consume=True`, what the engine does for a stage's last linear: "
+             "act-order permutation and factor in place), same codes (checked).\n",
              "| shape (rows x cols) | module | act-order | reference wall s | new wall s | reference CPU s | new CPU s | "
-             "speedup (CPU) | factor CPU s (reference / ours) | reference peak GiB | new peak GiB | codes alike |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "speedup (CPU) | factor CPU s (reference / ours) | reference peak GiB | new peak GiB | consumed: wall s, peak GiB | codes alike |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     GiB = 1 << 30
     for r in rows_out:
         ref, new = r["reference"], r["new"]
         lines.append(f"| {r['shape']} | {r['module']} | {r['act_order']} | {ref['wall_s']:.1f} | {new['wall_s']:.1f} | "
                      f"{ref['cpu_s']:.1f} | {new['cpu_s']:.1f} | {r['speedup_cpu']:.2f}x | {r['inversion_cpu_s']:.1f} / {r['factor_cpu_s']:.1f} | "
                      f"{ref['extra_peak_bytes'] / GiB:.2f} | {new['extra_peak_bytes'] / GiB:.2f} | "
+                     f"{r['consumed']['wall_s']:.1f} s, {r['consumed']['extra_peak_bytes'] / GiB:.2f} | "
                      f"{100 * r['same_codes']:.3f}% |")
     md = "\n".join(lines) + "\n"
     for f in dumps.iterdir():
