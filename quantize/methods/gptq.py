@@ -94,18 +94,10 @@ def _all_finite(t: torch.Tensor, rows: int = 1024) -> bool:
     return all(bool(torch.isfinite(t[a:a + rows]).all()) for a in range(0, t.shape[0], rows))
 
 
-def _symmetric_permuted(h: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-    """``h[perm][:, perm]`` as one new matrix, built a block of rows at a time (indexing in two
-    steps makes a whole intermediate n x n copy)."""
-    out = torch.empty_like(h)
-    for a in range(0, h.shape[0], rows):
-        torch.index_select(h.index_select(0, perm[a:a + rows]), 1, perm, out=out[a:a + rows])
-    return out
-
-
 def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> None:
     """``h[perm][:, perm]`` written over ``h``: the columns a block of rows at a time (one block's
-    temporary), then the rows along the permutation's cycles (one row's)."""
+    temporary), then the rows along the permutation's cycles (one row's). Indexing in two steps
+    would make a whole intermediate n x n copy."""
     for a in range(0, h.shape[0], rows):
         blk = h[a:a + rows]
         blk.copy_(blk.index_select(1, perm))
@@ -164,17 +156,12 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
         if zeros is not None:
             zeros.copy_(z0)
         perm = torch.argsort(diag, descending=True, stable=True)
+    h = h_in if in_place else h_in.clone()
+    del h_in
     if perm is not None:
         w = w[:, perm]
-        if in_place:
-            _permute_symmetric_(h_in, perm)
-            h = h_in
-        else:
-            h = _symmetric_permuted(h_in, perm)
+        _permute_symmetric_(h, perm)
         diag = diag[perm]
-    else:
-        h = h_in if in_place else h_in.clone()
-    del h_in
     h.diagonal().copy_(diag)  # dead columns: H[j, j] = 1
     del diag
 
