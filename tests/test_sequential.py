@@ -404,7 +404,8 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     """The Hessian GPTQ gets for every stage of layers 0 and 1 (each stage's pass ends at that
     stage's input; with a one-batch reference the float pass ends at q_proj's input for the
     second batch) is mean x x^T of the linear's input in the model's own full forward, with
-    layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes."""
+    layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes. And the
+    passes do end early: layer 0's down_proj runs as often as counted by hand."""
     import quantize.sequential as seq
 
     monkeypatch.setattr(seq, "REFERENCE_TOKENS", ref_tokens)
@@ -420,8 +421,17 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     batches = make_batches()
     layers = {i: existing_linears(fresh, i) for i in (0, 1)}
     schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i, ms in layers.items() for m in ms}
-    res = quantize_text_decoder(fresh, schemes, batches, progress=False)
+    down_calls = []
+    hd = fresh.model.language_model.layers[0].mlp.down_proj.register_forward_hook(lambda *_: down_calls.append(1))
+    try:
+        res = quantize_text_decoder(fresh, schemes, batches, progress=False)
+    finally:
+        hd.remove()
     assert set(got) == set(schemes)
+    # layer 0's down_proj runs only where an output is used: the float pass's reference batches
+    # and the final pass over both batches (every pass in full would be 5 passes x 2 batches)
+    n_ref = 2 if ref_tokens >= 48 + 64 else 1
+    assert len(down_calls) == n_ref + len(batches)
 
     checked = 0
     for i, present in layers.items():
