@@ -110,18 +110,13 @@ tests() {
   "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" --junitxml="$WORK/steps/tests-any.xml" tests/test_gpu_paths.py || rc=$?
   return $rc
 }
-e2e() {
+e2e() {  # e2e NAME "ARGS": one bench/gpu_run.py run, its row in NAME.json
   set -euo pipefail
   [ "$(cat "$WORK/steps/synth.rc" 2>/dev/null)" = 0 ] || { echo "no synthetic checkpoint (synth step failed)"; return 3; }
   rm -rf "$WORK/e4b-out"
-  "$PY" bench/gpu_run.py "$WORK/e4b" "$WORK/e4b-out" --device "$DEVICE" $RUN_ARGS --json "$WORK/steps/e2e.json"
+  "$PY" bench/gpu_run.py "$WORK/e4b" "$WORK/e4b-out" --device "$DEVICE" $2 --json "$WORK/steps/$1.json"
 }
-e2e32() {
-  set -euo pipefail
-  rm -rf "$WORK/e4b-out"
-  "$PY" bench/gpu_run.py "$WORK/e4b" "$WORK/e4b-out" --device "$DEVICE" $RUN_ARGS32 --json "$WORK/steps/e2e32.json"
-}
-export -f setup synth tests e2e e2e32
+export -f setup synth tests e2e
 
 step setup 150 bash -c setup
 [ -d "$WORK/site" ] && export PYTHONPATH="$ROOT:$WORK/site${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
@@ -131,11 +126,11 @@ if [ "$(cat "$WORK/steps/setup.rc")" = 0 ]; then
   SYNTH_PID=$!
   step tests 200 bash -c tests       # capped so that the e2e run keeps most of the budget
   wait "$SYNTH_PID" || true
-  step e2e 330 bash -c e2e
+  step e2e 330 bash -c 'e2e e2e "$RUN_ARGS"'
   if [ "$(cat "$WORK/steps/e2e.rc")" = 0 ]; then
     left=$(( BUDGET - ($(date +%s) - START) - 10 ))
     if (( left >= 2 * $(cat "$WORK/steps/e2e.secs") )); then
-      step e2e32 "$left" bash -c e2e32
+      step e2e32 "$left" bash -c 'e2e e2e32 "$RUN_ARGS32"'
     else
       echo "[e2e32] not run: ${left}s left, e2e took $(cat "$WORK/steps/e2e.secs")s"
     fi
