@@ -53,6 +53,12 @@ def bench_model(name: str) -> Path:
     return cached_tiny("trained", **BENCH_MODELS[name])
 
 
+def results_suffix(name: str, given_model: bool = False) -> str:
+    """The suffix of a bench's result files for bench model ``name``: none for ``tiny`` or a
+    ``--model`` folder, else ``-name`` (compare_llamacpp-wide.md)."""
+    return "" if given_model or name == "tiny" else f"-{name}"
+
+
 def weight_shares(model: Path) -> dict:
     """Shares of the text weights: decoder layers, per-layer table, token embedding, the rest."""
     from safetensors import safe_open

@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_models import BENCH_MODELS, bench_model, results_suffix  # noqa: E402
+
 log = logging.getLogger("bench.compare_llamacpp")
 
 TOWERS_KEEP = {k: "keep" for k in ("text", "token_embeddings", "per_layer_embeddings", "per_layer_projections",
@@ -55,8 +57,8 @@ EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF model folder (default: --bench-model)")
-    p.add_argument("--bench-model", default="tiny", choices=["tiny", "wide"],
-                   help="bench/bench_models.py's model: tiny, or wide (E4B's decoder share); results of wide get a -wide suffix")
+    p.add_argument("--bench-model", default="tiny", choices=list(BENCH_MODELS),
+                   help="bench/bench_models.py's model (wide: E4B's decoder share); results of any but tiny get a -NAME suffix")
     p.add_argument("--threads", type=int, default=1, help="threads for llama.cpp, torch and the tools (default 1)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-compare"), help="GGUF files and logs")
@@ -250,7 +252,6 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model)
     else:
-        from bench.bench_models import bench_model
 
         with timer(f"bench model {args.bench_model} (cached)"):
             model = bench_model(args.bench_model)
@@ -388,7 +389,7 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("calib_samples", "calib_seq_len", "n_windows", "seq_len",
                                                          "prompt_tokens", "gen_tokens", "rounds")},
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    stem = "compare_llamacpp" + ("-wide" if args.bench_model == "wide" and not args.model else "")
+    stem = "compare_llamacpp" + results_suffix(args.bench_model, bool(args.model))
     write_results(out, stem, result, md)
     print(md)
     print(f"wrote {out / stem}.json and .md ({total / 60:.1f} min)")

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_models import BENCH_MODELS, bench_model, results_suffix  # noqa: E402
+
 log = logging.getLogger("bench.fit_vs_llamacpp")
 MIXES = ("Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K")
 TARGET_RATIO = 0.7
@@ -41,8 +43,8 @@ TARGET_RHO = 0.8
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF model folder (default: --bench-model)")
-    p.add_argument("--bench-model", default="tiny", choices=["tiny", "wide"],
-                   help="bench/bench_models.py's model: tiny, or wide (E4B's decoder share); results of wide get a -wide suffix")
+    p.add_argument("--bench-model", default="tiny", choices=list(BENCH_MODELS),
+                   help="bench/bench_models.py's model (wide: E4B's decoder share); results of any but tiny get a -NAME suffix")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-fit"))
@@ -82,7 +84,6 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model)
     else:
-        from bench.bench_models import bench_model
 
         model = bench_model(args.bench_model)
     work = Path(args.work) / model.name
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
               f"{len(swaps)} single-group swaps at non-probe types: **{rho:.3f}** (target >= {TARGET_RHO}: "
               f"{'met' if rho >= TARGET_RHO else 'MISS'}).", ""]
     lines += [f"Note: {n}" for n in notes]
-    stem = "fit_vs_llamacpp" + ("-wide" if args.bench_model == "wide" and not args.model else "")
+    stem = "fit_vs_llamacpp" + results_suffix(args.bench_model, bool(args.model))
     lines += ["", f"![Pareto]({stem}.svg)"]
     md = "\n".join(lines) + "\n"
     out = Path(args.out)

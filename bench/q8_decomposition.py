@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_models import BENCH_MODELS, bench_model, results_suffix  # noqa: E402
+
 LS = {"preset": "int8", "importance": True}
 GPTQ8 = {"type": "int8", "method": "gptq"}
 VARIANTS = {
@@ -93,7 +95,7 @@ def scaled_token_table(mult: float | None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bench-model", default="tiny", choices=["tiny", "wide"])
+    p.add_argument("--bench-model", default="tiny", choices=list(BENCH_MODELS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-compare"), help="compare_llamacpp's work folder")
@@ -108,7 +110,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from bench.bench_models import bench_model
     from bench.compare_llamacpp import (calibration_config, gguf_facts, kl_base_from_gguf, our_recipe, quality_of,
                                         quiet_bench_process, run_ours)
     from bench.results_file import write_results
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
                   + "). The same algorithm moved by a change of rounding realization alone: a difference between two "
                   "table quantizers inside this range is not a difference of algorithms."]
     md = "\n".join(lines) + "\n"
-    suffix = "" if args.bench_model == "tiny" else f"-{args.bench_model}"
+    suffix = results_suffix(args.bench_model)
     write_results(args.out, f"q8_decomposition{suffix}", {"command": cmd.strip(), "model": model.name, "rows": rows,
                                                         "realization_floor": floor}, md)
     print(md)
