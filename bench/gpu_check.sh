@@ -184,6 +184,9 @@ if rows:
     md += [f"| {e['model']} | {e.get('gpu', e['device'])} | {e['samples']} x {e['seq_len']} | {e['wall_s']} | "
            f"{e.get('calibration_s')} | {e['export_s']} | {e['peak_rss_gib']} | {e.get('gpu_max_allocated_gib', '-')} | "
            f"{e.get('gpu_max_reserved_gib', '-')} |" for e in rows]
+    md += ["", "Decoder layers' time by phase (s, summed over layers): "
+           + "; ".join(f"{e['samples']} x {e['seq_len']}: " + ", ".join(f"{k} {v}" for k, v in e.get("layer_phase_s", {}).items())
+                       for e in rows)]
 (res / "gpu_check.md").write_text("\n".join(md) + "\n")
 if to_out:
     (res / "gpu_check.log").write_text("\n\n".join(f"== {k} (exit {v['rc']})\n" + "\n".join(v["log_tail"]) for k, v in steps.items()) + "\n")

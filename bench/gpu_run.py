@@ -2,7 +2,8 @@
 int4 g32 act-order text decoder, Q8_0 token table, Q5_K per-layer table) with text calibration
 only (``--samples`` x ``--seq-len`` embedded tokens), text GGUF only (no mmproj, no safetensors),
 no evaluation, on ``--device``. Prints one JSON line: wall time of the run and of its
-calibration (per decoder layer too), peak host RSS (VmHWM of this process) and, on CUDA, peak
+calibration (per decoder layer too, and the layers' time summed by phase: load, statistics,
+quantize, final pass, release), peak host RSS (VmHWM of this process) and, on CUDA, peak
 GPU memory (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``).
 
     python bench/gpu_run.py MODEL OUT [--device cuda] [--samples 4] [--seq-len 512] [--force] [--json FILE]
@@ -53,6 +54,11 @@ def run(model: Path, out: Path, device: str, samples: int, seq_len: int, force: 
         res = calibrate(*a, **k)
         phases["calibration_s"] = round(time.perf_counter() - t, 2)
         phases["layer_s"] = [r["seconds"] for r in res[1].report.values()] if res[1] else []
+        split: dict[str, float] = {}  # where the layers' time went (quantize.sequential._PhaseClock)
+        for r in (res[1].report.values() if res[1] else []):
+            for k, v in r.get("phase_s", {}).items():
+                split[k] = round(split.get(k, 0.0) + v, 2)
+        phases["layer_phase_s"] = split
         if cuda:
             phases["calibration_gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return res

@@ -78,9 +78,11 @@ class SequentialResult:
     - ``rescaled``: every linear whose float weight AWQ rescaled (gate/up/down, quantized or
       kept), as scale vectors (``quantize.source.Rescale``): kept ones are written, and GGUF
       types that re-encode floats encode, these weights, never the checkpoint's;
-    - ``report``: per layer (int): seconds, methods, fallbacks, notes and the relative error of
-      the quantized layer's output against the float layer on the same inputs (the first
-      calibration batches, up to ``REFERENCE_TOKENS`` tokens);
+    - ``report``: per layer (int): seconds (``phase_s``: the same split into ``load``, ``awq``,
+      ``statistics``, ``quantize``, ``final_pass`` and ``release``, see ``_PhaseClock``),
+      methods, fallbacks, notes and the relative error of the quantized layer's output against
+      the float layer on the same inputs (the first calibration batches, up to
+      ``REFERENCE_TOKENS`` tokens);
     - ``kv_scales``: with ``kv_fp8``, ``{producer layer: (k_scale, v_scale)}`` per KV-sharing
       group (shared by its consumers); ``layer_kv_scales`` has every layer's cache scales, the
       consumers' pointing at their producer's values.
@@ -115,6 +117,27 @@ class _StopForward(Exception):
     statistics hook once it has its linear's input and the batch's output is not needed (for
     o_proj and gate/up that skips the MLP, AltUp's correction and the per-layer gate: about 90%
     of an E4B layer's multiply-adds). Never leaves this module."""
+
+
+class _PhaseClock:
+    """Seconds of one layer by phase. On CUDA each lap first waits for the kernels queued so far,
+    so a phase is charged with its own GPU work and not with the next phase's (kernels run
+    asynchronously; the wait costs one synchronisation per phase, a few per layer)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device if device.type == "cuda" else None
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def report(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
 
 def text_linear_name(layer: int, module: str) -> str:
@@ -397,13 +420,14 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
 
     bar = tqdm(range(len(lm.layers)), desc="quantizing text decoder", unit="layer", disable=not progress)
     for i in bar:
-        t0 = time.perf_counter()
+        clock = _PhaseClock(device)
         layer = lm.layers[i]
         if streamed is not None:
             streamed.load_layer(i)
         # device and dtype only: a reference to the Parameter would keep its GPU copy alive
         home_device, home_dtype = layer.self_attn.q_proj.weight.device, layer.self_attn.q_proj.weight.dtype
         layer.to(device=device, dtype=compute_dtype)
+        clock.lap("load")
         lt = types[i]
         wanted = by_layer.get(i, {})
         rep = {"methods": {}, "fallbacks": {}, "notes": []}
@@ -438,8 +462,9 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                     kv.add(*ctx.shared_kv[lt])
             return math.sqrt(num / den) if den > 0 else 0.0
 
-        if wanted:
+        if any(s.method == "awq" for s in wanted.values()):
             _awq(layer, i, wanted, run_all, result, rep)
+            clock.lap("awq")
         reference: list[torch.Tensor | None] = []
         first_stats = None
         stage0 = [p for p in STAGES[0][1] if p in wanted]
@@ -449,6 +474,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                                    stop=output_unused)
         elif wanted:
             run_all(reference)
+        clock.lap("statistics")
         for s_idx, (stage, paths) in enumerate(STAGES):
             todo = [p for p in paths if p in wanted]
             if not todo:
@@ -459,6 +485,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                 st = _collect(layer, run_all, [paths[0]], _needs_hessian(wanted, todo), stop=output_unused)[paths[0]]
             else:
                 st = None
+            clock.lap("statistics")
             for p in todo:
                 name = text_linear_name(i, p)
                 mod = layer.get_submodule(p)
@@ -471,6 +498,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                 rep["methods"][p] = scheme.label()
                 if "fallback" in qt.info:
                     rep["fallbacks"][p] = qt.info["fallback"]
+            clock.lap("quantize")
         # This layer's statistics (a down_proj Hessian is 1 GiB on E4B) go before its final
         # pass and the next layer: memory holds one layer's state, not two.
         first_stats = st = None
@@ -489,6 +517,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                     hd.remove()
         else:
             rep["rel_error"] = run_all(kv=kv, final=reference)
+        clock.lap("final_pass")
         if modes[i] == "store":
             producer_of_type[lt] = i
         if streamed is not None:
@@ -501,7 +530,9 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             result.tensors.update(done)
         done = qt = None  # the codes live in the result (or on disk) only
         release_free_memory()  # else the freed layer's heap pages stay resident (quantize.memory)
-        rep["seconds"] = round(time.perf_counter() - t0, 3)
+        clock.lap("release")
+        rep["seconds"] = round(clock.last - clock.start, 3)
+        rep["phase_s"] = clock.report()
         result.report[i] = rep
         for p, why in rep["fallbacks"].items():
             log.warning("layer %d %s: %s", i, p, why)

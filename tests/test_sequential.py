@@ -98,6 +98,10 @@ def test_quantized_model_equals_independently_dequantized_model(random_model, fr
     assert any("AWQ" in note for note in res.report[3]["notes"])  # attention AWQ -> RTN, said so
     for i, r in res.report.items():
         assert math.isfinite(r["rel_error"]) and 0 < r["rel_error"] < 1, (i, r)
+        # the layer's time split by phase: AWQ's search only where the schemes asked for AWQ
+        phases = {"load", "statistics", "quantize", "final_pass", "release"} | ({"awq"} if i == 3 else set())
+        assert set(r["phase_s"]) == phases, (i, r["phase_s"])
+        assert sum(r["phase_s"].values()) == pytest.approx(r["seconds"], abs=0.01)
 
     # Independent model: pristine weights, then every returned tensor's dequantize().
     other = Gemma3nForConditionalGeneration(model.config).eval()
