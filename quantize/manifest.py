@@ -135,7 +135,7 @@ def build_manifest(*, recipe, ckpt, plan, model_digest, out_dir: Path, artifacts
         "calibration": _public_paths(calibration),
         # Wall times vary run to run; the manifest keeps only what the inputs determine.
         "quantization": {
-            str(layer): {k: v for k, v in entry.items() if k != "seconds"} if isinstance(entry, dict) else entry
+            str(layer): {k: v for k, v in entry.items() if k not in ("seconds", "phase_s")} if isinstance(entry, dict) else entry
             for layer, entry in quantization_report.items()
         },
         # Per decoder layer [k_scale, v_scale], as written beside its self_attn (a KV consumer's
