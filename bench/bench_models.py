@@ -46,6 +46,8 @@ BENCH_MODELS = {
     # The evaluation's length: the benches score positions 256-511 of 512-token windows, which
     # a model trained on shorter windows never saw. Same tokens per step as tiny256 (2 x 512).
     "tiny512": {"train_steps": 1500, "train_seq_len": 512, "train_batch": 2},
+    # tiny256 at twice the peak learning rate: rougher weights tell Q4_0 from Q4_K_M better?
+    "tiny256-lr1e-2": {"train_steps": 1500, "train_seq_len": 256, "train_lr": 1e-2},
 }
 TARGET_RATIO = 1.5
 
