@@ -252,7 +252,6 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model)
     else:
-
         with timer(f"bench model {args.bench_model} (cached)"):
             model = bench_model(args.bench_model)
     work = Path(args.work) / model.name

@@ -84,7 +84,6 @@ def main(argv=None) -> int:
     if args.model:
         model = Path(args.model)
     else:
-
         model = bench_model(args.bench_model)
     work = Path(args.work) / model.name
     work.mkdir(parents=True, exist_ok=True)

@@ -53,12 +53,13 @@ def run(model: Path, out: Path, device: str, samples: int, seq_len: int, force: 
         t = time.perf_counter()
         res = calibrate(*a, **k)
         phases["calibration_s"] = round(time.perf_counter() - t, 2)
-        phases["layer_s"] = [r["seconds"] for r in res[1].report.values()] if res[1] else []
+        reports = list(res[1].report.values()) if res[1] else []
+        phases["layer_s"] = [r["seconds"] for r in reports]
         split: dict[str, float] = {}  # where the layers' time went (quantize.sequential._PhaseClock)
-        for r in (res[1].report.values() if res[1] else []):
+        for r in reports:
             for k, v in r.get("phase_s", {}).items():
-                split[k] = round(split.get(k, 0.0) + v, 2)
-        phases["layer_phase_s"] = split
+                split[k] = split.get(k, 0.0) + v
+        phases["layer_phase_s"] = {k: round(v, 2) for k, v in split.items()}
         if cuda:
             phases["calibration_gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         return res

@@ -462,8 +462,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                     kv.add(*ctx.shared_kv[lt])
             return math.sqrt(num / den) if den > 0 else 0.0
 
-        if any(s.method == "awq" for s in wanted.values()):
-            _awq(layer, i, wanted, run_all, result, rep)
+        if _awq(layer, i, wanted, run_all, result, rep):
             clock.lap("awq")
         reference: list[torch.Tensor | None] = []
         first_stats = None
@@ -586,15 +585,16 @@ def _kv_hooks(layer, contexts, layer_type, kv: KVRange):
 AWQ_LINEARS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: dict) -> None:
-    """Search and absorb AWQ scales where Gemma 3n allows it (see quantize.methods.awq).
+def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: dict) -> bool:
+    """Search and absorb AWQ scales where Gemma 3n allows it (see quantize.methods.awq); whether
+    any of the layer's schemes asked for AWQ.
 
     Every float weight changed here is recorded (the norm in ``updated``, the linears' scales in
     ``rescaled``) whatever the linear's own scheme: a kept gate next to an AWQ up, or a kept up
     feeding an AWQ down, computes with its rescaled weight, so every writer must write that."""
     awq_paths = [p for p, s in wanted.items() if s.method == "awq"]
     if not awq_paths:
-        return
+        return False
     for p in awq_paths:
         if p not in AWQ_LINEARS:
             rep["notes"].append(f"{p}: AWQ needs an op that can absorb 1/s; none exists for attention inputs in Gemma 3n, rounded to nearest")
@@ -602,7 +602,7 @@ def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: di
     want_in = [p for p in ("mlp.gate_proj", "mlp.up_proj") if p in awq_paths]
     want_out = "mlp.down_proj" in awq_paths
     if not want_in and not want_out:
-        return
+        return True
     stats = _collect(layer, run_all, ["mlp.gate_proj", "mlp.down_proj"], hessian=False)
     cols: dict[str, torch.Tensor] = {}
     rows: dict[str, torch.Tensor] = {}
@@ -630,3 +630,4 @@ def _awq(layer, i: int, wanted: dict, run_all, result: SequentialResult, rep: di
     for p in AWQ_LINEARS:
         if p in cols or p in rows:
             result.rescaled[text_linear_name(i, p)] = Rescale(cols.get(p), rows.get(p))
+    return True
