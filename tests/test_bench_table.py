@@ -99,3 +99,16 @@ def test_kl_intervals_mark_what_the_windows_do_not_resolve():
     assert any(m.startswith("WORSE: Q8_0") and "not resolved" in m for m in misses)
     md = table.markdown(rows, list(v.values()), table.pair_rows(rows), "# t")
     assert "WORSE: target missed (not resolved)" in md and "WORSE KL (not resolved)" in md
+
+
+def test_bench_model_verdict_says_when_the_windows_do_not_resolve_the_target():
+    """bench/bench_models.py's Q4_0 / Q4_K_M check against 1.5: a ratio whose paired interval
+    holds 1.5 is 'not resolved' on either side of it; rows from before the intervals keep a
+    bare verdict."""
+    from bench.bench_models import verdict
+
+    assert verdict({"ratio": 1.39, "ratio_ci": {"lo": 1.13, "hi": 1.71}}) == "MISSED (not resolved)"
+    assert verdict({"ratio": 1.62, "ratio_ci": {"lo": 1.45, "hi": 1.80}}) == "met (not resolved)"
+    assert verdict({"ratio": 1.62, "ratio_ci": {"lo": 1.52, "hi": 1.80}}) == "met"
+    assert verdict({"ratio": 1.16, "ratio_ci": {"lo": 1.02, "hi": 1.31}}) == "MISSED"
+    assert verdict({"ratio": 1.5}) == "met"
