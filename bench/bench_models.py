@@ -111,9 +111,10 @@ def _interval(r: dict, key: str = "ratio_ci") -> str:
 
 def verdict(r: dict) -> str:
     """met / MISSED, and "not resolved" where the windows' interval holds the target."""
+    from eval.kl import resolved
+
     v = "met" if r["ratio"] >= TARGET_RATIO else "MISSED"
-    ci = r.get("ratio_ci")
-    return v if ci is None or not ci["lo"] <= TARGET_RATIO <= ci["hi"] else f"{v} (not resolved)"
+    return v if resolved(r.get("ratio_ci"), TARGET_RATIO) else f"{v} (not resolved)"
 
 
 def check(model: Path, work: Path, threads: int, seq_len: int, n_windows: int) -> dict:

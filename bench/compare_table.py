@@ -18,6 +18,8 @@ Targets (issue 8), all judged on mean KL against the F32 file on held-out text:
 """
 from __future__ import annotations
 
+from eval.kl import paired_ratio, resolved
+
 KL_TARGETS = {"Q4_0": 0.6, "Q4_K_M": 0.8, "Q8_0": 1.0}
 SPEED_TARGET = 0.98
 
@@ -68,15 +70,13 @@ def quality_verdicts(rows) -> list[dict]:
             "limit": limit,
             "met": ratio is not None and ratio <= limit,
             # the windows do not tell the ratio from the limit: the interval holds both sides of it
-            "resolved": ci is None or not (ci["lo"] <= limit <= ci["hi"]),
+            "resolved": resolved(ci, limit),
         })
     return out
 
 
 def kl_interval(ours, theirs) -> dict | None:
     """Paired 95% bootstrap interval of the KL ratio over the evaluation windows (None without them)."""
-    from eval.kl import paired_ratio
-
     if not ours.get("kl_windows") or not theirs.get("kl_windows"):
         return None
     return paired_ratio(ours["kl_windows"], theirs["kl_windows"])
@@ -101,7 +101,7 @@ def pair_rows(rows) -> list[dict]:
             p["speed_met"] = all(s >= SPEED_TARGET for s in speed) if speed else None
             p["kl_better"] = p["kl_mean"] is not None and p["kl_mean"] <= 1.0
             p["kl_ratio_ci"] = kl_interval(ours, theirs)
-            p["kl_resolved"] = p["kl_ratio_ci"] is None or not (p["kl_ratio_ci"]["lo"] <= 1.0 <= p["kl_ratio_ci"]["hi"])
+            p["kl_resolved"] = resolved(p["kl_ratio_ci"], 1.0)
             out.append(p)
     return out
 

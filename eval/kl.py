@@ -166,3 +166,9 @@ def paired_ratio(a, b, level: float = 0.95, n_boot: int = 10000, seed: int = 0) 
     lo, hi = np.percentile(ratios, [50 * (1 - level), 50 * (1 + level)])
     return {"ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("inf"), "lo": float(lo), "hi": float(hi),
             "level": level, "windows": int(len(a))}
+
+
+def resolved(ci: dict | None, limit: float) -> bool:
+    """Whether a ``paired_ratio`` interval tells its ratio from ``limit``: False when the interval
+    holds the limit (the windows allow either side of it); True without an interval."""
+    return ci is None or not ci["lo"] <= limit <= ci["hi"]
