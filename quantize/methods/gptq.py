@@ -218,10 +218,11 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor,
     The column step is as few tensor operations as the textbook arithmetic allows (9 with
     symmetric codes, where the textbook step takes 15), because on a GPU each is a kernel
     launch and the loop runs once per input column (28672 times per E4B layer): a block's codes
-    and errors are written into block buffers, converted and squared once per block. Every code and update still goes
-    through the same float operations in the same order as in the textbook loop, and the lazy
-    update after a block is the same matmul on the same operands. Only the float64 loss is
-    summed in another order (a block's columns first): it may differ in the last bits."""
+    and errors are written into block buffers, converted and squared once per block. Every code
+    and update still goes through the same float operations in the same order as in the
+    textbook loop, and the lazy update after a block is the same matmul on the same operands.
+    Only the float64 loss is summed in another order (a block's columns first): it may differ in
+    the last bits."""
     rows, cols = w.shape
     sym = zeros is None
     lo_q, hi_q = symmetric_range(bits) if sym else (0, (1 << bits) - 1)
