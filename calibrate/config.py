@@ -23,6 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 SourceKind = Literal["embedded", "files", "hub"]
 
+# The keys each source kind reads. A key set for a source that does not read it is refused: it
+# would be accepted and ignored (``{source: embedded, path: my.txt}`` would calibrate on the
+# embedded text, ``{source: files, split: test}`` would read every row).
+TEXT_SOURCE_KEYS = {"embedded": ("split",), "files": ("path", "column"),
+                    "hub": ("dataset", "name", "data_files", "split", "column")}
+# Image folders and audio files have no columns.
+MEDIA_SOURCE_KEYS = {**TEXT_SOURCE_KEYS, "files": ("path",)}
+
 # Splits of the embedded data a recipe may calibrate on; ``eval`` is held out for evaluation.
 EMBEDDED_CALIBRATION_SPLITS = ("calib", "train")
 
@@ -46,9 +54,26 @@ def expand_path(value: str | None) -> str | None:
     return os.path.expanduser(os.path.expandvars(value))
 
 
+def source_error(source: str, given: dict[str, object], reads: dict[str, tuple[str, ...]]) -> str | None:
+    """What is wrong with a data source's keys, or None: ``files`` needs ``path``, ``hub`` needs
+    ``dataset``, and no key that the source does not read is set. ``given``: the optional keys
+    and their values (None: not set); ``reads``: the keys each source kind reads. The one check
+    of calibration's sections, the recipe's eval text and ``eval``'s own text source."""
+    if source == "files" and not given.get("path"):
+        return "source 'files' needs 'path'"
+    if source == "hub" and not given.get("dataset"):
+        return "source 'hub' needs 'dataset'"
+    unread = [k for k, v in given.items() if v is not None and k not in reads[source]]
+    if unread:
+        return (f"source {source!r} does not read {', '.join(repr(k) for k in unread)}; "
+                f"it reads {', '.join(repr(k) for k in reads[source])}")
+    return None
+
+
 class _Source(_Strict):
     section: ClassVar[str] = "calibration"
     default_column: ClassVar[str] = "text"
+    source_keys: ClassVar[dict[str, tuple[str, ...]]] = TEXT_SOURCE_KEYS
 
     source: SourceKind = "embedded"
     path: str | None = None  # files: a file, a folder or a glob
@@ -58,7 +83,7 @@ class _Source(_Strict):
     # huge corpus is not downloaded whole
     data_files: str | list[str] | None = None
     split: str | None = None  # hub: default "train"; embedded: default "calib"
-    column: str | None = None  # hub, and jsonl/parquet/csv files: default per modality
+    column: str | None = None  # hub, and text's jsonl/parquet/csv files: default per modality
 
     @field_validator("path", "dataset")
     @classmethod
@@ -67,10 +92,10 @@ class _Source(_Strict):
 
     @model_validator(mode="after")
     def _needs(self):
-        if self.source == "files" and not self.path:
-            raise ValueError("source 'files' needs 'path'")
-        if self.source == "hub" and not self.dataset:
-            raise ValueError("source 'hub' needs 'dataset' (and usually 'column')")
+        given = {k: getattr(self, k) for k in ("path", "dataset", "name", "data_files", "split", "column")}
+        error = source_error(self.source, given, self.source_keys)
+        if error:
+            raise ValueError(error)
         if self.source == "embedded" and self.split is not None and self.split not in EMBEDDED_CALIBRATION_SPLITS:
             raise ValueError(
                 f"embedded split {self.split!r} cannot be used for calibration; valid: "
@@ -114,6 +139,7 @@ class TextCalibration(_Source):
 class ImageCalibration(_Source):
     section: ClassVar[str] = "calibration.images"
     default_column: ClassVar[str] = "image"
+    source_keys: ClassVar[dict[str, tuple[str, ...]]] = MEDIA_SOURCE_KEYS
 
     n_samples: int = Field(4, ge=0)
 
@@ -121,6 +147,7 @@ class ImageCalibration(_Source):
 class AudioCalibration(_Source):
     section: ClassVar[str] = "calibration.audio"
     default_column: ClassVar[str] = "audio"
+    source_keys: ClassVar[dict[str, tuple[str, ...]]] = MEDIA_SOURCE_KEYS
 
     n_samples: int = Field(4, ge=0)
     max_seconds: float = Field(10.0, gt=0)  # longer clips are cut to their first max_seconds

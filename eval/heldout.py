@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from calibrate.config import TextCalibration
+from calibrate.config import TEXT_SOURCE_KEYS, TextCalibration, source_error
 from eval.errors import EvalError
 
 TEXT_SOURCES = ("embedded", "files", "hub")
@@ -37,11 +37,11 @@ class TextSource:
     def __post_init__(self):
         if self.source not in TEXT_SOURCES:
             raise EvalError(f"text source {self.source!r} is unknown; valid: {', '.join(TEXT_SOURCES)}")
-        if self.source == "files" and not self.path:
-            raise EvalError("text source 'files' needs a path (--text FILE, a folder or a glob)")
-        if self.source == "hub" and not self.dataset:
-            raise EvalError("text source 'hub' needs a dataset id (--dataset)")
-        if self.source == "embedded" and (self.path or self.dataset or self.split not in (None, "eval")):
+        given = {"path": self.path, "dataset": self.dataset, "name": self.name, "split": self.split, "column": self.column}
+        error = source_error(self.source, given, TEXT_SOURCE_KEYS)
+        if error:
+            raise EvalError(f"text {error}")
+        if self.source == "embedded" and self.split not in (None, "eval"):
             raise EvalError("the embedded text has only its held-out split 'eval'; give a path or a dataset for other text")
 
     def describe(self) -> str:
@@ -60,8 +60,9 @@ class _EvalText(TextCalibration):
 
 
 def _calibration_source(src: TextSource) -> _EvalText:
+    hub = src.source == "hub"
     return _EvalText(source=src.source, path=src.path, dataset=src.dataset, name=src.name,
-                    split=src.split or "test", column=src.column)
+                    split=(src.split or "test") if hub else None, column=src.column)
 
 
 def load_text(src: TextSource) -> tuple[list[str], dict]:

@@ -70,8 +70,14 @@ def _cmd_run(args) -> int:
     from quantize.plan import format_plan
     from quantize.recipe import load_recipe
 
+    from quantize.errors import RecipeError
+
+    if args.json and not args.dry_run:
+        raise RecipeError("--json goes with --dry-run (it prints the plan as JSON)")
     recipe = load_recipe(args.recipe, model=args.model, output=args.out, device=args.device)
-    if args.force and recipe.exports.gguf is not None:
+    if args.force and (recipe.exports.gguf is None or not recipe.exports.gguf.enabled):
+        raise RecipeError(f"--force: {args.recipe} writes no GGUF (exports.gguf), the only export --force applies to")
+    if args.force:
         gguf = recipe.exports.gguf.model_copy(update={"force": True})
         recipe = recipe.model_copy(update={"exports": recipe.exports.model_copy(update={"gguf": gguf})})
     if args.no_eval:  # the artifacts do not record the eval section, so they stay byte-identical

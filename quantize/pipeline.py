@@ -17,13 +17,11 @@ from quantize.errors import ModelError, RecipeError
 from quantize.evaluation import check_eval, check_eval_text, run_eval
 from quantize.manifest import artifact_provenance, build_manifest, model_hash, write_json_atomic
 from quantize.model import Checkpoint, resolve_model
-from quantize.plan import Plan, build_plan
+from quantize.plan import CALIBRATED_METHODS, Plan, build_plan
 from quantize.recipe import Recipe
 from quantize.source import TensorSource
 
 log = logging.getLogger(__name__)
-
-CALIBRATED_METHODS = ("gptq", "awq")
 
 
 @dataclass

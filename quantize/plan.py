@@ -30,6 +30,7 @@ from quantize.recipe import Recipe
 from quantize.schemes import QuantScheme, precision_rank, resolve_scheme
 
 KEEP = resolve_scheme("keep")
+CALIBRATED_METHODS = ("gptq", "awq")  # run by the sequential calibration, on text-decoder linears only
 _KV_RE = re.compile(r"self_attn\.(k_proj|v_proj)\.weight$")
 
 
@@ -136,6 +137,11 @@ def build_plan(recipe: Recipe, ckpt: Checkpoint) -> Plan:
             scheme, reason = getattr(recipe.towers, tower), f"tower {tower}"
         if override is not None and _KV_RE.search(name):
             explicit_kv[name] = override
+        if tower != "text" and scheme.is_quantized and scheme.method in CALIBRATED_METHODS:
+            where = f"overrides[{override[0]}]" if reason.startswith("override") else f"towers.{tower}"
+            raise PlanError(f"{name}: {where} asks for method {scheme.method!r}, which only text-decoder linears "
+                            f"run (this tensor is in tower {tower!r}); give it method 'rtn' (importance: true "
+                            f"weighs its scales)")
         if dead:
             reason = "dead k/v of a KV-consumer layer"
         entries[name] = PlanEntry(

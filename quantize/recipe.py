@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calibrate.config import CalibrationConfig, expand_path
+from calibrate.config import TEXT_SOURCE_KEYS, CalibrationConfig, expand_path, source_error
 from quantize.errors import RecipeError
 from quantize.fit.spec import FitRecord, FitSpec
 from quantize.schemes import QuantScheme, resolve_scheme
@@ -120,6 +120,12 @@ class SafetensorsExport(_Strict):
     bnb: Literal["nf4", "fp4", "int8"] = "nf4"  # used when format is bitsandbytes
     max_shard_gb: float = Field(4.0, gt=0)
 
+    @model_validator(mode="after")
+    def _bnb_read(self):
+        if self.format != "bitsandbytes" and self.bnb != type(self).model_fields["bnb"].default:
+            raise ValueError(f"bnb is read with format 'bitsandbytes' only; the format is {self.format!r}")
+        return self
+
 
 class Exports(_Strict):
     gguf: GGUFExport | None = None
@@ -150,11 +156,11 @@ class EvalText(_Strict):
 
     @model_validator(mode="after")
     def _needs(self):
-        if self.source == "files" and not self.path:
-            raise ValueError("source 'files' needs 'path'")
-        if self.source == "hub" and not self.dataset:
-            raise ValueError("source 'hub' needs 'dataset'")
-        if self.source == "embedded" and (self.path or self.dataset or self.split not in (None, "eval")):
+        given = {k: getattr(self, k) for k in ("path", "dataset", "name", "split", "column")}
+        error = source_error(self.source, given, TEXT_SOURCE_KEYS)
+        if error:
+            raise ValueError(error)
+        if self.source == "embedded" and self.split not in (None, "eval"):
             raise ValueError("the embedded text has only its held-out split 'eval'; use source 'files' or 'hub' for other text")
         return self
 

@@ -15,6 +15,7 @@ Method = Literal["rtn", "gptq", "awq"]
 Strategy = Literal["tensor", "channel", "group"]
 GROUP_SIZES = (32, 64, 128, 256)
 BITS = {"int4": 4, "int8": 8, "fp8": 8}
+GPTQ_FIELDS = ("act_order", "dampening", "block_size")  # read by method gptq alone
 
 
 class QuantScheme(BaseModel):
@@ -46,6 +47,9 @@ class QuantScheme(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "QuantScheme":
+        unread = self.unread()
+        if unread:
+            raise ValueError(f"this scheme does not read {'; '.join(unread)}")
         if self.type == "keep":
             return self
         if self.type == "fp8":
@@ -66,6 +70,26 @@ class QuantScheme(BaseModel):
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         return self
+
+    def unread(self) -> list[str]:
+        """The fields set away from their defaults that this scheme does not read, each with why.
+        They would be accepted and ignored, so the validator refuses them. A default is never
+        listed: it changes nothing, and a dumped scheme (sweeps, fitted recipes) carries them all."""
+        why = []
+        for k, f in type(self).model_fields.items():
+            v = getattr(self, k)
+            if k == "type" or v is None or v == f.default:
+                continue
+            if self.type == "keep":
+                why.append(f"{k} (type 'keep' reads no other field)")
+            elif k in GPTQ_FIELDS and self.method != "gptq":
+                why.append(f"{k} (read by method 'gptq' only; the method is {self.method!r})")
+            elif k == "group_size" and self.strategy != "group":
+                why.append(f"group_size (read by strategy 'group' only; the strategy is {self.strategy!r})")
+            elif k == "importance" and (self.type == "fp8" or self.method == "awq"):
+                why.append("importance (read by int4/int8 with method 'rtn' or 'gptq' only: fp8 rounds to "
+                           "nearest, AWQ weighs by its own scales)")
+        return why
 
     @property
     def bits(self) -> int | None:

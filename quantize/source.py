@@ -46,9 +46,9 @@ class Rescale:
 
 def computed_method(entry) -> str:
     """The method that really produces ``entry``'s values: ``keep``, ``rtn``, ``gptq`` or
-    ``awq``. Only text-decoder linears go through the sequential calibration (the pipeline), and
-    AWQ reaches only the MLP linears there (``quantize.sequential.AWQ_LINEARS``); any other
-    tensor whose scheme names GPTQ/AWQ is rounded to nearest."""
+    ``awq``. Only text-decoder linears go through the sequential calibration (the plan refuses
+    GPTQ/AWQ elsewhere), and AWQ reaches only the MLP linears there
+    (``quantize.sequential.AWQ_LINEARS``): attention asked for AWQ is rounded to nearest."""
     from quantize.sequential import AWQ_LINEARS
 
     if not entry.quantized:

@@ -36,6 +36,22 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, tiny_random, body, needle
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+@pytest.mark.parametrize("body, flags, needle", [
+    ("model: MODEL\noutput: OUT\n", ["--json"], "--json goes with --dry-run"),
+    ("model: MODEL\noutput: OUT\nexports: {safetensors: {}}\n", ["--force"], "--force"),
+    ("model: MODEL\noutput: OUT\ntowers: {vision: int4_gptq}\n", [], "towers.vision asks for method 'gptq'"),
+    ("model: MODEL\noutput: OUT\ncalibration: {text: {source: embedded, path: my.txt}}\n", [], "does not read 'path'"),
+], ids=["json-without-dry-run", "force-without-gguf", "gptq-on-vision", "embedded-with-path"])
+def test_a_flag_or_key_that_would_be_ignored_is_refused(tmp_path, tiny_random, body, flags, needle):
+    """Accepted and ignored is worse than refused: one line, exit 2, nothing written."""
+    out = tmp_path / "out"
+    r = _run("run", str(_recipe(tmp_path, body.replace("OUT", str(out)).replace("MODEL", str(tiny_random)))), *flags)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
 def test_missing_recipe_file(tmp_path):
     r = _run("run", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "nope.yaml" in r.stderr

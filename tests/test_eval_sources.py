@@ -209,3 +209,13 @@ def test_cuda_index_selects_that_gpu(tiny_random):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
     with pytest.raises(EvalError, match=f"valid: cuda:0 .. cuda:{n - 1}"):
         TransformersBackend(tiny_random, device=f"cuda:{n}")
+
+
+def test_a_text_source_key_that_would_be_ignored_is_refused(tmp_path):
+    from eval.heldout import TextSource
+
+    with pytest.raises(EvalError, match="'split'"):
+        TextSource("files", path=str(tmp_path / "t.txt"), split="test")  # a file has no splits
+    with pytest.raises(EvalError, match="'column'"):
+        TextSource(column="body")  # the embedded text has no columns
+    assert TextSource("hub", dataset="wikitext", name="wikitext-2-raw-v1", split="test", column="text").split == "test"

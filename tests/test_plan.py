@@ -160,3 +160,24 @@ def test_k_and_v_schemes_reach_both_formats(tiny_random, tmp_path):
         attn = layers[layer].self_attn
         assert attn.k_proj.quantization_scheme.weights.num_bits == 8
         assert attn.v_proj.quantization_scheme.weights.num_bits == 4
+
+
+@pytest.mark.parametrize("recipe, where", [
+    ({"towers": {"vision": "int4_gptq"}}, "towers.vision"),
+    ({"towers": {"per_layer_projections": "int4_awq"}}, "towers.per_layer_projections"),
+    ({"overrides": [{"match": ["*audio_tower*"], "scheme": "int8"}, {"match": ["*"], "scheme": "int4_gptq"}]}, "overrides[1]"),
+])
+def test_calibrated_methods_outside_the_text_decoder_are_refused(tiny_random, recipe, where):
+    """GPTQ and AWQ run in the text decoder's sequential calibration only; elsewhere they would
+    silently round to nearest, so the plan refuses them and names the tensor and the key."""
+    with pytest.raises(PlanError) as e:
+        _plan(tiny_random, **recipe)
+    msg = str(e.value)
+    assert where in msg and "'rtn'" in msg and "model." in msg
+
+
+def test_calibrated_methods_on_text_decoder_linears_are_planned(tiny_random):
+    plan = _plan(tiny_random, towers={"text": "int4_gptq"},
+                 overrides=[{"match": ["*language_model.layers.*.mlp.*"], "scheme": "int4_awq"}])
+    assert plan["model.language_model.layers.0.mlp.up_proj.weight"].scheme.method == "awq"
+    assert plan["model.language_model.layers.0.self_attn.q_proj.weight"].scheme.method == "gptq"

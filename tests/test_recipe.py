@@ -102,3 +102,86 @@ def test_scheme_bytes_hand_computed():
     assert resolve_scheme("int4_asym").bytes_for((64, 128), 4) == 64 * 128 // 2 + 64 * 4 * 3
     # fp8 per channel: one byte per value + one fp32 scale per row
     assert resolve_scheme("fp8").bytes_for((64, 128), 2) == 64 * 128 + 64 * 4
+
+
+@pytest.mark.parametrize("scheme, key", [
+    ({"preset": "int4", "act_order": True}, "act_order"),             # RTN has no column order
+    ({"type": "int4", "method": "awq", "dampening": 0.1}, "dampening"),
+    ({"preset": "int8", "block_size": 64}, "block_size"),
+    ({"type": "keep", "group_size": 64}, "group_size"),               # keep reads nothing but its type
+    ({"type": "keep", "method": "gptq"}, "method"),
+    ({"type": "int8", "strategy": "channel", "group_size": 64}, "group_size"),
+    ({"preset": "int8_channel", "group_size": 128}, "group_size"),
+    ({"preset": "fp8", "importance": True}, "importance"),            # fp8 rounds to nearest
+    ({"preset": "int4_awq", "importance": True}, "importance"),       # AWQ quantizes with plain RTN
+])
+def test_scheme_keys_the_scheme_does_not_read_are_refused(scheme, key):
+    """A key that would be accepted and ignored fails, naming the key and what reads it."""
+    msg = _err({"model": "m", "output": "o", "towers": {"text": scheme}})
+    assert "towers.text" in msg and key in msg and "does not read" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("scheme", [
+    {"preset": "int4_gptq", "act_order": True, "dampening": 0.05, "block_size": 64, "importance": True},
+    {"type": "int8", "strategy": "channel"},
+    {"preset": "int8_channel", "group_size": None},
+    {"preset": "int8_channel", "importance": True},
+    {"type": "fp8", "strategy": "tensor", "symmetric": True},
+    {"preset": "keep"},
+    {"type": "keep"},
+])
+def test_scheme_keys_the_scheme_reads_are_accepted(scheme):
+    r = parse_recipe({"model": "m", "output": "o", "towers": {"text": scheme}})
+    for k, v in scheme.items():
+        if k != "preset":
+            assert getattr(r.towers.text, k) == v
+
+
+@pytest.mark.parametrize("text, key", [
+    ({"source": "embedded", "path": "my.txt"}, "path"),     # would have calibrated on the embedded text
+    ({"source": "embedded", "column": "body"}, "column"),
+    ({"source": "files", "path": "my.jsonl", "split": "test"}, "split"),  # files have no splits
+    ({"source": "files", "path": "my.jsonl", "dataset": "wikitext"}, "dataset"),
+    ({"source": "files", "path": "my.jsonl", "data_files": "a.json"}, "data_files"),
+    ({"source": "hub", "dataset": "wikitext", "path": "my.txt"}, "path"),
+])
+def test_calibration_source_keys_the_source_does_not_read_are_refused(text, key):
+    msg = _err({"model": "m", "output": "o", "calibration": {"text": text}})
+    assert "calibration.text" in msg and repr(key) in msg and "does not read" in msg
+
+
+@pytest.mark.parametrize("section", ["images", "audio"])
+def test_media_files_have_no_column(section):
+    msg = _err({"model": "m", "output": "o", "calibration": {section: {"source": "files", "path": "d", "column": "x"}}})
+    assert f"calibration.{section}" in msg and "'column'" in msg
+    r = parse_recipe({"model": "m", "output": "o", "calibration": {section: {"source": "hub", "dataset": "d", "column": "x",
+                                                                              "name": "n", "split": "s", "data_files": "f"}}})
+    assert getattr(r.calibration, section).column == "x"
+
+
+@pytest.mark.parametrize("text, key", [
+    ({"source": "files", "path": "my.txt", "split": "test"}, "split"),
+    ({"source": "embedded", "dataset": "wikitext"}, "dataset"),
+    ({"source": "hub", "dataset": "wikitext", "path": "my.txt"}, "path"),
+])
+def test_eval_text_keys_the_source_does_not_read_are_refused(text, key):
+    msg = _err({"model": "m", "output": "o", "eval": {"text": text}})
+    assert "eval.text" in msg and repr(key) in msg
+
+
+def test_bnb_type_needs_the_bitsandbytes_format():
+    msg = _err({"model": "m", "output": "o", "exports": {"safetensors": {"format": "compressed-tensors", "bnb": "fp4"}}})
+    assert "exports.safetensors" in msg and "bnb" in msg and "bitsandbytes" in msg
+    r = parse_recipe({"model": "m", "output": "o", "exports": {"safetensors": {"format": "bitsandbytes", "bnb": "fp4"}}})
+    assert r.exports.safetensors.bnb == "fp4"
+
+
+@pytest.mark.parametrize("extra", [{"context": 8192}, {"vision": True}])
+def test_fit_budget_refuses_the_device_only_keys(extra):
+    """context and vision size what shares a device's memory; with a byte budget they would be ignored."""
+    fit = {"budget": "4.5bpw", **extra}
+    msg = _err({"model": "m", "output": "o", "exports": {"gguf": {"fit": fit}}})
+    assert "exports.gguf.fit" in msg and next(iter(extra)) in msg and "'device'" in msg
+    r = parse_recipe({"model": "m", "output": "o", "exports": {"gguf": {"fit": {"device": "phone-6gb", **extra}}}})
+    assert getattr(r.exports.gguf.fit, next(iter(extra))) == extra[next(iter(extra))]

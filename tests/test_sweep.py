@@ -54,7 +54,7 @@ def test_grid_is_the_product_of_its_axes_in_file_order(tmp_path):
 
 
 def test_labels_that_collide_are_numbered():
-    vs = V.expand(_spec(grid={"towers.text": [{"preset": "int4", "act_order": True}, {"preset": "int4_gptq", "act_order": True}]}))
+    vs = V.expand(_spec(grid={"towers.text": [{"preset": "int4", "importance": True}, {"preset": "int4_gptq", "importance": True}]}))
     assert [v.name for v in vs] == ["int4-true", "int4_gptq-true"]
     vs = V.expand(_spec(grid={"calibration.text": [{"source": "embedded", "n_samples": 8}, {"source": "embedded", "n_samples": 8, "seq_len": 64}]}))
     assert [v.name for v in vs] == ["embedded-8", "embedded-8-64"]

@@ -34,6 +34,11 @@ class FitSpec(BaseModel):
         if (self.budget is None) == (self.device is None):
             raise ValueError("fit: give exactly one of 'budget' (e.g. 3.5GB, 4.5bpw) or 'device' "
                              f"(valid: {', '.join(DEVICES)})")
+        if self.budget is not None:  # a budget is the text GGUF's size: no memory to share
+            unread = [k for k in ("context", "vision") if getattr(self, k) != type(self).model_fields[k].default]
+            if unread:
+                raise ValueError(f"fit: {' and '.join(unread)} go with 'device' (they size what shares its "
+                                 f"memory); a 'budget' is the text GGUF's own size")
         if self.device is not None and self.device not in DEVICES:
             raise ValueError(f"fit.device: unknown device profile {self.device!r}; valid: {', '.join(DEVICES)}")
         if self.budget is not None:
