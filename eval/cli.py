@@ -47,6 +47,19 @@ def _text_source(args):
     return TextSource()
 
 
+# the timing flags (with --latency only) and the RunSettings fields they set
+_LATENCY_FLAGS = {"prompt_lengths": "prompt_lengths", "decode_tokens": "n_decode", "repeats": "repeats", "warmup": "warmup"}
+
+
+def _latency_settings(args) -> dict:
+    """The timing flags given, as RunSettings fields (the rest keep RunSettings' defaults); given
+    without --latency they would be ignored, so they fail."""
+    given = {k: getattr(args, k) for k in _LATENCY_FLAGS if getattr(args, k) is not None}
+    if given and not args.latency:
+        raise EvalError(f"{', '.join('--' + k.replace('_', '-') for k in given)} go with --latency")
+    return {_LATENCY_FLAGS[k]: v for k, v in given.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -73,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kl-top-k", type=int, default=32, help="reference log-probs kept per token; 0 = all")
     r.add_argument("--kl-base", default=None, help="KL base file to use or create (default: in --out)")
     r.add_argument("--latency", action="store_true", help="also time prefill and decode")
-    r.add_argument("--prompt-lengths", type=_ints, default=(64, 256))
-    r.add_argument("--decode-tokens", type=int, default=32)
-    r.add_argument("--repeats", type=int, default=3)
-    r.add_argument("--warmup", type=int, default=1)
+    # with --latency only; None: not given (RunSettings' default), so one without --latency is refused
+    r.add_argument("--prompt-lengths", type=_ints, default=None, help="with --latency")
+    r.add_argument("--decode-tokens", type=int, default=None, help="with --latency")
+    r.add_argument("--repeats", type=int, default=None, help="with --latency")
+    r.add_argument("--warmup", type=int, default=None, help="with --latency")
     r.add_argument("--towers", action="store_true", help="also compare vision/audio tower embeddings")
 
     rep = sub.add_parser("report", help="markdown table and HTML page from results files")
@@ -100,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
             settings = RunSettings(
                 seq_len=args.seq_len, n_windows=args.n_windows, kl_top_k=args.kl_top_k, threads=args.threads,
-                device=args.device, latency=args.latency, prompt_lengths=args.prompt_lengths,
-                n_decode=args.decode_tokens, repeats=args.repeats, warmup=args.warmup, towers=args.towers,
-                text=_text_source(args),
+                device=args.device, latency=args.latency, towers=args.towers, text=_text_source(args),
+                **_latency_settings(args),
             )
             reference = resolve_reference(args.reference)
             paths = evaluate_many(args.artifacts, reference, args.out, args.backend, settings, args.kl_base)

@@ -219,3 +219,12 @@ def test_a_text_source_key_that_would_be_ignored_is_refused(tmp_path):
     with pytest.raises(EvalError, match="'column'"):
         TextSource(column="body")  # the embedded text has no columns
     assert TextSource("hub", dataset="wikitext", name="wikitext-2-raw-v1", split="test", column="text").split == "test"
+
+
+def test_timing_flags_without_latency_are_refused(tmp_path, capsys):
+    """--repeats and the other timing flags would be ignored without --latency: one line, exit 2."""
+    rc = main(["run", str(tmp_path / "a.gguf"), "--reference", str(tmp_path), "--out", str(tmp_path / "out"),
+               "--repeats", "5", "--warmup", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--repeats, --warmup go with --latency" in err
+    assert not (tmp_path / "out").exists()
