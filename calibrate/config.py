@@ -28,6 +28,7 @@ SourceKind = Literal["embedded", "files", "hub"]
 # embedded text, ``{source: files, split: test}`` would read every row).
 TEXT_SOURCE_KEYS = {"embedded": ("split",), "files": ("path", "column"),
                     "hub": ("dataset", "name", "data_files", "split", "column")}
+SOURCE_KEYS = ("path", "dataset", "name", "data_files", "split", "column")  # all of them, in messages' order
 # Image folders and audio files have no columns.
 MEDIA_SOURCE_KEYS = {**TEXT_SOURCE_KEYS, "files": ("path",)}
 
@@ -54,16 +55,18 @@ def expand_path(value: str | None) -> str | None:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-def source_error(source: str, given: dict[str, object], reads: dict[str, tuple[str, ...]]) -> str | None:
+def source_error(src, reads: dict[str, tuple[str, ...]]) -> str | None:
     """What is wrong with a data source's keys, or None: ``files`` needs ``path``, ``hub`` needs
-    ``dataset``, and no key that the source does not read is set. ``given``: the optional keys
-    and their values (None: not set); ``reads``: the keys each source kind reads. The one check
-    of calibration's sections, the recipe's eval text and ``eval``'s own text source."""
-    if source == "files" and not given.get("path"):
+    ``dataset``, and no key that the source does not read is set. ``src``: anything with a
+    ``source`` attribute and those of the optional keys it has (None: not set); ``reads``: the
+    keys each source kind reads. The one check of calibration's sections, the recipe's eval text
+    and ``eval``'s own text source."""
+    source = src.source
+    if source == "files" and not src.path:
         return "source 'files' needs 'path'"
-    if source == "hub" and not given.get("dataset"):
+    if source == "hub" and not src.dataset:
         return "source 'hub' needs 'dataset'"
-    unread = [k for k, v in given.items() if v is not None and k not in reads[source]]
+    unread = [k for k in SOURCE_KEYS if getattr(src, k, None) is not None and k not in reads[source]]
     if unread:
         return (f"source {source!r} does not read {', '.join(repr(k) for k in unread)}; "
                 f"it reads {', '.join(repr(k) for k in reads[source])}")
@@ -92,8 +95,7 @@ class _Source(_Strict):
 
     @model_validator(mode="after")
     def _needs(self):
-        given = {k: getattr(self, k) for k in ("path", "dataset", "name", "data_files", "split", "column")}
-        error = source_error(self.source, given, self.source_keys)
+        error = source_error(self, self.source_keys)
         if error:
             raise ValueError(error)
         if self.source == "embedded" and self.split is not None and self.split not in EMBEDDED_CALIBRATION_SPLITS:

@@ -37,8 +37,7 @@ class TextSource:
     def __post_init__(self):
         if self.source not in TEXT_SOURCES:
             raise EvalError(f"text source {self.source!r} is unknown; valid: {', '.join(TEXT_SOURCES)}")
-        given = {"path": self.path, "dataset": self.dataset, "name": self.name, "split": self.split, "column": self.column}
-        error = source_error(self.source, given, TEXT_SOURCE_KEYS)
+        error = source_error(self, TEXT_SOURCE_KEYS)
         if error:
             raise EvalError(f"text {error}")
         if self.source == "embedded" and self.split not in (None, "eval"):

@@ -66,11 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
+    from quantize.errors import RecipeError
     from quantize.pipeline import run
     from quantize.plan import format_plan
     from quantize.recipe import load_recipe
-
-    from quantize.errors import RecipeError
 
     if args.json and not args.dry_run:
         raise RecipeError("--json goes with --dry-run (it prints the plan as JSON)")

@@ -138,7 +138,8 @@ def build_plan(recipe: Recipe, ckpt: Checkpoint) -> Plan:
         if override is not None and _KV_RE.search(name):
             explicit_kv[name] = override
         if tower != "text" and scheme.is_quantized and scheme.method in CALIBRATED_METHODS:
-            where = f"overrides[{override[0]}]" if reason.startswith("override") else f"towers.{tower}"
+            # a quantized scheme here is the override's (ignore and 1-D give keep) or the tower's
+            where = f"overrides[{override[0]}]" if override is not None else f"towers.{tower}"
             raise PlanError(f"{name}: {where} asks for method {scheme.method!r}, which only text-decoder linears "
                             f"run (this tensor is in tower {tower!r}); give it method 'rtn' (importance: true "
                             f"weighs its scales)")

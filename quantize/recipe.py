@@ -156,8 +156,7 @@ class EvalText(_Strict):
 
     @model_validator(mode="after")
     def _needs(self):
-        given = {k: getattr(self, k) for k in ("path", "dataset", "name", "split", "column")}
-        error = source_error(self.source, given, TEXT_SOURCE_KEYS)
+        error = source_error(self, TEXT_SOURCE_KEYS)
         if error:
             raise ValueError(error)
         if self.source == "embedded" and self.split not in (None, "eval"):
