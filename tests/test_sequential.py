@@ -411,19 +411,34 @@ def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeyp
     assert res.report[0]["rel_error"] == pytest.approx(math.sqrt(num / den), rel=1e-4)
 
 
+# MLP_REUSE_BYTES for make_batches() (48 and 64 tokens; hidden 256, FFN 512, fp32): what the
+# engine may keep to skip MLP recomputation (see _MlpReuse), and then how many batches' MLP
+# inputs and down_proj inputs it keeps. 114688 B = both batches' MLP inputs; 98304 B = the
+# first batch's down_proj input.
+REUSE_BUDGETS = {"all": (2**30, True, 2), "none": (0, False, 0), "mlp inputs only": (114688, True, 0),
+                 "first down input": (98304, False, 1)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reuse", list(REUSE_BUDGETS))
 @pytest.mark.parametrize("ref_tokens", [4096, 48])
-def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(random_model, fresh, monkeypatch, ref_tokens, device):
+def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(random_model, fresh, monkeypatch, ref_tokens, reuse, device):
     """The Hessian GPTQ gets for every stage of layers 0 and 1 (each stage's pass ends at that
     stage's input; with a one-batch reference the float pass ends at q_proj's input for the
     second batch) is mean x x^T of the linear's input in the model's own full forward, with
     layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes. And the
-    passes do end early: layer 0's down_proj runs as often as counted by hand. On cuda the
-    engine's passes and Hessians run on the GPU and the reference on the CPU with the GPU's codes,
-    so it checks the GPU's statistics whatever codes its rounding led to."""
+    passes do end early, and skip what the kept MLP activations make unnecessary (the down stage
+    runs the MLP alone on kept MLP inputs; the final pass applies down_proj to kept inputs): layer
+    0's q_proj, gate_proj and down_proj run as often as counted by hand for each memory budget.
+    Layer 1's Hessians are computed from layer 0's final-pass outputs, so they also check that
+    the final pass with kept activations computes the quantized layer. On cuda the engine's
+    passes and Hessians run on the GPU and the reference on the CPU with the GPU's codes, so it
+    checks the GPU's statistics whatever codes its rounding led to."""
     import quantize.sequential as seq
 
+    budget, keeps_mlp_in, kept_down = REUSE_BUDGETS[reuse]
     monkeypatch.setattr(seq, "REFERENCE_TOKENS", ref_tokens)
+    monkeypatch.setattr(seq, "MLP_REUSE_BYTES", budget)
     _, pristine = random_model
     got = {}
     real = seq.gptq_quantize
@@ -437,17 +452,32 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     batches = make_batches()
     layers = {i: existing_linears(fresh, i) for i in (0, 1)}
     schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i, ms in layers.items() for m in ms}
-    down_calls = []
-    hd = fresh.model.language_model.layers[0].mlp.down_proj.register_forward_hook(lambda *_: down_calls.append(1))
+    calls = {"self_attn.q_proj": 0, "mlp.gate_proj": 0, "mlp.down_proj": 0}
+    l0 = fresh.model.language_model.layers[0]
+
+    def count(path):
+        def hook(*_):
+            calls[path] += 1
+        return hook
+
+    hds = [l0.get_submodule(m).register_forward_hook(count(m)) for m in calls]
     try:
         res = quantize_text_decoder(fresh, schemes, batches, progress=False, device=device)
     finally:
-        hd.remove()
+        for hd in hds:
+            hd.remove()
     assert set(got) == set(schemes)
-    # layer 0's down_proj runs only where an output is used: the float pass's reference batches
-    # and the final pass over both batches (every pass in full would be 5 passes x 2 batches)
-    n_ref = 2 if ref_tokens >= 48 + 64 else 1
-    assert len(down_calls) == n_ref + len(batches)
+    # (every pass in full would be 5 passes x 2 batches for each)
+    n_ref, b = (2 if ref_tokens >= 48 + 64 else 1), len(batches)
+    assert calls == {
+        # the float pass's reference batches; the o, gate/up and final passes; the down stage's
+        # pass unless it starts from kept MLP inputs
+        "self_attn.q_proj": n_ref + 3 * b + (0 if keeps_mlp_in else b),
+        # reference batches; the down stage's pass; the final pass where no down_proj input was kept
+        "mlp.gate_proj": n_ref + b + (b - kept_down),
+        # only where an output is used: the reference batches and the final pass
+        "mlp.down_proj": n_ref + b,
+    }
 
     checked = 0
     for i, present in layers.items():
