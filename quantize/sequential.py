@@ -17,6 +17,10 @@ own code, see ``capture_layer_inputs``). Then for each decoder layer in turn:
    are written into the module, so the model computes the fake-quantized function;
 5. the quantized layer's outputs replace its inputs, batch by batch, as the next layer's.
 
+Steps 4 and 5 do not recompute what cannot have changed (``_MlpReuse``, within a memory bound):
+the down stage runs the MLP alone on the MLP inputs kept from the gate/up stage's pass, and the
+final pass applies down_proj to the down_proj inputs kept from the down stage's pass.
+
 Gemma 3n specifics: the hidden state is AltUp's 4 streams (4, B, T, D); every layer gets its
 slice of the per-layer inputs, the rotary table and mask of its attention type, and a
 ``KVSharingDict`` per batch that lives across layers: KV "store" layers write their K/V into it
