@@ -566,9 +566,11 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                     keep = layer.mlp.gate_proj.register_forward_pre_hook(reuse.mlp_in_hook)
                 elif stage == "mlp_out":
                     keep = layer.mlp.down_proj.register_forward_pre_hook(reuse.down_in_hook)
-                run = (lambda: reuse.run_mlp(layer.mlp)) if stage == "mlp_out" and reuse.has_mlp_inputs() else run_all
+                run, stop = run_all, output_unused
+                if stage == "mlp_out" and reuse.has_mlp_inputs():  # no batch's output is needed there
+                    run, stop = (lambda: reuse.run_mlp(layer.mlp)), (lambda: True)
                 try:
-                    st = _collect(layer, run, [paths[0]], _needs_hessian(wanted, todo), stop=output_unused)[paths[0]]
+                    st = _collect(layer, run, [paths[0]], _needs_hessian(wanted, todo), stop=stop)[paths[0]]
                 finally:
                     if keep is not None:
                         keep.remove()
