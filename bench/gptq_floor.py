@@ -1,6 +1,6 @@
 """The least wall time exact GPTQ of E4B's text decoder can take on this machine, against llama.cpp.
 
-    python bench/gptq_floor.py                  # 4 x 512 and 32 x 512 calibration tokens
+    python bench/gptq_floor.py                  # 4 x 512 and 32 x 512 calibration tokens (--calib)
 
 Issue 13's target: a calibrated int4 run (GPTQ on the text decoder, text GGUF) within 1.5x of
 llama.cpp's convert + imatrix + quantize wall time, at 4 x 512 and 32 x 512 tokens. This bench
@@ -40,8 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-TARGET_WALL = 1.5  # issue 13: ours / llama.cpp
-HIDDEN, FFN, KV_OUT, LAYERS, OWN_KV = 2048, 16384, 512, 35, 20  # E4B (bench/synthetic_e4b.E4B_TEXT)
+from bench.e4b_calibrated import TARGET_WALL, parse_calib  # noqa: E402  (issue 13's target: ours / llama.cpp)
+from bench.synthetic_e4b import E4B_TEXT  # noqa: E402
+
+HIDDEN, FFN, LAYERS = E4B_TEXT["hidden_size"], E4B_TEXT["intermediate_size"], E4B_TEXT["num_hidden_layers"]
+KV_OUT = E4B_TEXT["num_key_value_heads"] * E4B_TEXT["head_dim"]
+OWN_KV = LAYERS - E4B_TEXT["num_kv_shared_layers"]
 # (rows, cols) of each linear; the stage whose Hessian it reads
 LINEARS = {"q_proj": (HIDDEN, HIDDEN, "attn_in"), "k_proj": (KV_OUT, HIDDEN, "attn_in"),
            "v_proj": (KV_OUT, HIDDEN, "attn_in"), "o_proj": (HIDDEN, HIDDEN, "attn_out"),
@@ -51,7 +55,7 @@ CONSUMER_SKIPS = ("k_proj", "v_proj")  # KV consumers compute no K/V
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", nargs="+", default=["4x512", "32x512"], help="calibration sizes, samples x tokens")
+    p.add_argument("--calib", nargs="+", default=["4x512", "32x512"], help="calibration sizes, samples x tokens (as bench/e4b_calibrated.py)")
     p.add_argument("--recorded", default=str(ROOT / "bench" / "results" / "e4b_calibrated.json"),
                    help="bench/e4b_calibrated.py's results: llama.cpp's and our wall times")
     p.add_argument("--repeats", type=int, default=3)
@@ -157,13 +161,7 @@ def main(argv=None) -> int:
     from bench.results_file import write_results
 
     args = parse_args(argv)
-    sizes = []
-    for s in args.tokens:
-        try:
-            n, length = (int(x) for x in s.lower().split("x"))
-        except ValueError:
-            raise SystemExit(f"--tokens {s!r}: expected SAMPLESxTOKENS, e.g. 4x512") from None
-        sizes.append((n, length))
+    sizes = [parse_calib(s) for s in args.calib]
     recorded = {}
     path = Path(args.recorded)
     if path.exists():

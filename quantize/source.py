@@ -54,7 +54,7 @@ def computed_method(entry) -> str:
     if not entry.quantized:
         return "keep"
     m = entry.scheme.method
-    if entry.tower != "text" or (m == "awq" and not entry.name.endswith(tuple(f".{p}.weight" for p in AWQ_LINEARS))):
+    if m == "awq" and not entry.name.endswith(tuple(f".{p}.weight" for p in AWQ_LINEARS)):
         return "rtn"
     return m
 
