@@ -3,6 +3,7 @@
     python bench/e4b_calibrated.py                       # 4 x 512 calibration tokens, 35 layers
     python bench/e4b_calibrated.py --calib 4x512 32x512  # both token counts of issue 13
     python bench/e4b_calibrated.py --size e4b-2          # E4B widths, 2 layers (a quick check)
+    python bench/e4b_calibrated.py --calib 32x512 --compute-dtype bfloat16   # the recipe with compute_dtype: bfloat16
 
 One checkpoint of E4B's real text shapes (bench/synthetic_e4b.py, random bf16; the one
 bench/conversion_cost.py keeps with ``--keep-checkpoint`` is reused), then per calibration size,
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--size", default="e4b", help="e4b (35 layers) or e4b-N (E4B widths, N layers)")
     p.add_argument("--calib", nargs="+", default=["4x512"], help="calibration sizes, samples x tokens")
     p.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (both sides)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="our recipe's compute_dtype (the calibration forward; bfloat16 needs the bf16 checkpoint it is)")
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"),
                    help="where the synthetic checkpoint lives (shared with bench/conversion_cost.py)")
     p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
@@ -60,12 +63,14 @@ def parse_calib(s: str) -> tuple[int, int]:
     return n, length
 
 
-def our_recipe(model: Path, out: Path, n: int, length: int, force: bool) -> dict:
-    """recipes/int4.yaml with this bench's model, output, calibration and exports."""
+def our_recipe(model: Path, out: Path, n: int, length: int, force: bool, compute_dtype: str = "float32") -> dict:
+    """recipes/int4.yaml with this bench's model, output, calibration, compute dtype and exports."""
     import yaml
 
     r = yaml.safe_load((ROOT / "recipes" / "int4.yaml").read_text())
     r.update(name=out.name, model=str(model), output=str(out))
+    if compute_dtype != "float32":
+        r["compute_dtype"] = compute_dtype
     r["calibration"] = {"text": {"source": "embedded", "n_samples": n, "seq_len": length},
                         "images": {"n_samples": 0}, "audio": {"n_samples": 0}}
     # the synthetic checkpoint carries the tiny model's towers: kept, so the text side is what is timed
@@ -85,11 +90,12 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
     if sw.exists():
         shutil.rmtree(sw)
     sw.mkdir(parents=True)
-    res: dict = {"calib": f"{n}x{length}", "tokens": n * length, "layers": layers}
+    res: dict = {"calib": f"{n}x{length}", "tokens": n * length, "layers": layers, "compute_dtype": args.compute_dtype}
 
     out = sw / "ours"
     recipe = sw / "ours.yaml"
-    recipe.write_text(json.dumps(our_recipe(model, out, n, length, force=layers != 35)))  # JSON is YAML
+    recipe.write_text(json.dumps(our_recipe(model, out, n, length, force=layers != 35,
+                                            compute_dtype=args.compute_dtype)))  # JSON is YAML
     print(f"[{n}x{length}] ours: quantize run (GPTQ) ...", flush=True)
     m = measure([sys.executable, "-m", "quantize", "run", recipe, "--no-eval"], env, sw / "ours.log")
     m["gguf_bytes"] = sum(f.stat().st_size for f in out.glob("*.gguf"))
@@ -141,13 +147,13 @@ def verdict(r: dict) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| calibration | layers | ours wall s (CPU s) | ours peak GiB | llama.cpp wall s (convert + imatrix + quantize; "
+             "| calibration | layers | our compute dtype | ours wall s (CPU s) | ours peak GiB | llama.cpp wall s (convert + imatrix + quantize; "
              "CPU s) | llama.cpp peak GiB | wall ratio | CPU ratio | RSS ratio | target (<= 1.5x wall, <= 0.35x RSS) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lc = r["llamacpp"]
         parts = " + ".join(f"{lc[s]['wall_s']:.0f}" for s in ("convert", "imatrix", "quantize"))
-        lines.append(f"| {r['calib']} | {r['layers']} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
+        lines.append(f"| {r['calib']} | {r['layers']} | {r.get('compute_dtype', 'float32')} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
                      f"{r['ours']['peak_rss_bytes'] / GiB:.2f} | {lc['wall_s']:.0f} ({parts}; {lc['cpu_s']:.0f}) | "
                      f"{lc['peak_rss_bytes'] / GiB:.2f} | {r['ratio']['wall']:.2f} | {r['ratio']['cpu']:.2f} | "
                      f"{r['ratio']['peak_rss']:.3f} | {verdict(r)} |")
@@ -173,20 +179,21 @@ def main(argv=None) -> int:
     out = Path(args.out)
     jpath = out / "e4b_calibrated.json"
     old = json.loads(jpath.read_text())["rows"] if jpath.exists() else []
-    rows = {(r["calib"], r["layers"]): r for r in old}
+    key = lambda r: (r["calib"], r["layers"], r.get("compute_dtype", "float32"))  # noqa: E731
+    rows = {key(r): r for r in old}
     for n, length in calibs:
         r = run_calib(model, n, length, args, tools, work)
-        rows[(r["calib"], r["layers"])] = r
+        rows[key(r)] = r
         print(f"[{n}x{length}] wall ratio {r['ratio']['wall']:.2f}, RSS ratio {r['ratio']['peak_rss']:.3f}: {verdict(r)}",
               flush=True)
-    ordered = sorted(rows.values(), key=lambda r: (-r["layers"], r["tokens"]))
+    ordered = sorted(rows.values(), key=lambda r: (-r["layers"], r["tokens"], r.get("compute_dtype", "float32") != "float32"))
     cmd = "python bench/e4b_calibrated.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = os.getloadavg()[0]
     header = (f"# Calibrated int4 on E4B shapes: ours vs llama.cpp\n\n`{cmd.strip()}` (last run), {args.threads} threads "
               f"on {os.cpu_count()} cores, load average {load:.1f} at the end, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py (E4B's text shapes, random "
               "bf16). Ours: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, streamed calibration, text "
-              "GGUF). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
+              "GGUF; `compute_dtype` as the row says, the recipe's float32 unless `--compute-dtype`). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
               "imatrix. Peak: the largest VmHWM of any process in each side's tree.")
     md = markdown(ordered, header)
     write_results(out, "e4b_calibrated", {"command": cmd.strip(), "rows": ordered}, md)

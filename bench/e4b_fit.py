@@ -133,7 +133,7 @@ def recorded_baseline(path: Path, calib: str, layers: int) -> dict:
     rows' ``ours``) or from an earlier e4b_fit.json (a baseline it ran itself)."""
     rows = json.loads(path.read_text())["rows"]
     for r in rows:
-        if r["layers"] != layers:
+        if r["layers"] != layers or r.get("compute_dtype", "float32") != "float32":  # the shipped recipe's runs
             continue
         if r.get("calib") == calib and "ours" in r:
             return {**r["ours"], "calib": calib, "source": f"recorded in {path.name} ({r.get('load_average', ['?'])[0]} load)"}

@@ -7,11 +7,12 @@ straightforward reference loop it replaced (``gptq_reference`` in tests/test_met
 The Hessian is the second moment of ``--tokens`` synthetic inputs with correlated columns of
 uneven scale (fewer tokens than columns leaves it singular, as 4 x 512 calibration tokens do on
 E4B's down_proj: the dampening makes it invertible). GPTQ's time does not depend on the values.
-Each shape also reports the share of codes both give alike: the column loops are bit-identical
-given the same factor of H^-1 (tests/test_methods.py), but the reference computes that factor in
-three steps (Cholesky, inverse, Cholesky of the inverse) and ours in two (``inverse_cholesky_upper``:
-one Cholesky, one triangular inverse, in place), closer to float64, so a few roundings on the
-edge of a step go the other way. Every side runs in a fresh child process: its peak memory is
+Each shape also reports the share of codes both give alike: the reference computes the factor
+of H^-1 in three steps (Cholesky, inverse, Cholesky of the inverse); ours (``reverse_cholesky``)
+takes one Cholesky, in place, plus one triangular inverse for dynamic groups only (with
+act-order the column loop reads H's own factor), so the float32 roundings differ and a few
+roundings on the edge of a step go the other way (tests/test_methods.py bounds that against
+the textbook in float64). Every side runs in a fresh child process: its peak memory is
 the VmHWM it reaches beyond the inputs, and its CPU seconds are reported next to wall seconds
 because on a shared machine wall time mostly measures the neighbours. Both factorisations are
 also timed alone, to show what is left for the column loop.
@@ -82,10 +83,10 @@ def run_side(args) -> dict:
         hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
         codes = torch.linalg.cholesky(hinv, upper=True)
     elif args.side == "factor":
-        from quantize.methods.gptq import inverse_cholesky_upper
+        from quantize.methods.gptq import reverse_cholesky
 
         h.diagonal().add_(scheme.dampening * torch.diagonal(h).mean())
-        codes = inverse_cholesky_upper(h)[0]
+        codes = reverse_cholesky(h, inverse=not scheme.act_order)[0]  # what gptq_quantize factors
     elif args.side in ("new", "consumed"):
         from quantize.methods.gptq import gptq_quantize
 
@@ -136,8 +137,9 @@ def main(argv=None) -> int:
     dumps = Path(tempfile.mkdtemp(prefix="gptq-speed-"))
     rows_out = []
     for shape in args.shapes:
-        inversion, factor = child("inversion", shape, "off"), child("factor", shape, "off")
+        inversion = child("inversion", shape, "off")
         for act in args.act_order:
+            factor = child("factor", shape, act)
             r, n, c = child("reference", shape, act), child("new", shape, act), child("consumed", shape, act)
             same = float((torch.load(dumps / "reference.pt") == torch.load(dumps / "new.pt")).float().mean())
             if not torch.equal(torch.load(dumps / "new.pt"), torch.load(dumps / "consumed.pt")):
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
              f"`{cmd.strip()}`: int4 group {args.group_size}, Hessian from {args.tokens} synthetic tokens, "
              f"{args.threads} thread(s) on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}. CPU s is the fairer measure on a shared machine. "
-             "Factor CPU s: the factor of H^-1 alone, the reference's three steps / ours. Peak: memory allocated beyond the inputs (weights and Hessian); the "
+             "Factor CPU s: the factorisation alone, the reference's three steps for H^-1's factor / ours (one Cholesky of H with act-order; and its triangular inverse without). Peak: memory allocated beyond the inputs (weights and Hessian); the "
              "reference copy frees the Hessian and its Cholesky factor once used, as the new code does (the code "
              "before kept all four n x n matrices: 4.9 GB RSS in all at down_proj's shape). Consumed: the same GPTQ "
              "working in the caller's Hessian (`consume=True`, what the engine does for a stage's last linear: "

@@ -48,6 +48,7 @@ def prepare(recipe: Recipe, allow_pickle: bool = False, *, out: Path | None = No
         refuse_if_holds(Path(out), folder, "the model folder")
     ckpt = Checkpoint(folder)
     plan = build_plan(recipe, ckpt)
+    _check_compute_dtype(recipe, ckpt, plan)
     _validate_exports(recipe, ckpt, plan)
     if out is not None:
         check_eval_text(recipe, ckpt.folder)
@@ -66,6 +67,28 @@ def _check_calibration_paths(recipe: Recipe) -> None:
     for key, src in (("text", cal.text), ("images", cal.images), ("audio", cal.audio)):
         if src.source == "files" and not glob.glob(os.path.expanduser(src.path)):
             raise RecipeError(f"calibration.{key}.path: {src.path!r} does not exist (a file, folder or glob is expected)")
+
+
+def _check_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
+    """``compute_dtype: bfloat16`` only where it does what it says: the sequential engine runs
+    (something in the decoder is calibrated), reads weights bf16 holds exactly (GPTQ quantizes
+    the layer's weights as the engine holds them), and absorbs no AWQ scales (bf16 would round
+    the norm and linear weights they are folded into)."""
+    if recipe.compute_dtype == "float32":
+        return
+    key = f"compute_dtype: {recipe.compute_dtype}"
+    text = [e for e in plan.entries if e.quantized and e.tower == "text"]
+    if not (any(_text_calibrated(e) for e in text) or recipe.kv_cache.fp8):
+        raise RecipeError(f"{key} sets the text decoder's calibration forward, and this recipe calibrates nothing "
+                          "there (no GPTQ, AWQ or importance in towers.text or overrides, no kv_cache.fp8): remove the key")
+    awq = sorted(e.name for e in text if e.scheme.method == "awq")
+    if awq:
+        raise RecipeError(f"{key}: AWQ folds its scales into norm and linear weights, which bfloat16 would round "
+                          f"({awq[0]}{' and others' if len(awq) > 1 else ''}): use float32 with AWQ")
+    stored = sorted({ckpt.tensors[e.name].dtype for e in text} - {"BF16"})
+    if stored:
+        raise RecipeError(f"{key} needs the text decoder stored in bfloat16 (GPTQ would quantize rounded weights); "
+                          f"{ckpt.folder}'s decoder linears are {', '.join(stored)}: use float32")
 
 
 def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
@@ -255,8 +278,8 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
     processor = load_processor(ckpt.folder)
     calib = build_calibration(recipe.calibration, processor, seed=recipe.seed)
     batches = [{"input_ids": ids} for ids in calib.text] + list(calib.multimodal)
-    # The checkpoint's own dtype (bf16 for Google's E4B): the sequential engine upcasts one
-    # layer at a time to fp32 for its statistics.
+    # The checkpoint's own dtype (bf16 for Google's E4B): the sequential engine runs one layer at
+    # a time in recipe.compute_dtype (fp32 by default: upcast), its statistics in fp32.
     streamed = StreamedModel(ckpt, [b["input_ids"] for b in batches])
     model = streamed.model
 
@@ -282,7 +305,7 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
         spill.mkdir()
         result = quantize_text_decoder(
             model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress,
-            compute_dtype=torch.float32, streamed=streamed, spill=SpilledTensors(spill),
+            compute_dtype=getattr(torch, recipe.compute_dtype), streamed=streamed, spill=SpilledTensors(spill),
         )
     del model, streamed
     # the calibration's hidden states and last layer are freed: their heap pages go back before

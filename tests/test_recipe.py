@@ -185,3 +185,11 @@ def test_fit_budget_refuses_the_device_only_keys(extra):
     assert "exports.gguf.fit" in msg and next(iter(extra)) in msg and "'device'" in msg
     r = parse_recipe({"model": "m", "output": "o", "exports": {"gguf": {"fit": {"device": "phone-6gb", **extra}}}})
     assert getattr(r.exports.gguf.fit, next(iter(extra))) == extra[next(iter(extra))]
+
+
+def test_compute_dtype_lists_the_valid_ones():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({"model": "m", "output": "o", "compute_dtype": "float16"}, "r.yaml")
+    msg = str(err.value)
+    assert msg.startswith("r.yaml: compute_dtype:") and "'float32'" in msg and "'bfloat16'" in msg
+    assert parse_recipe({"model": "m", "output": "o"}).compute_dtype == "float32"

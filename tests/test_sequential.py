@@ -507,3 +507,98 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
                 checked += 1
             earlier += [text_linear_name(i, p) for p in stage]
     assert checked == len(schemes)
+
+
+def test_bf16_engine_hessians_are_the_bf16_models_own_inputs_second_moment(tiny_random, monkeypatch):
+    """``compute_dtype=torch.bfloat16`` on a bf16 model: every stage's Hessian of layers 0 and 1
+    is mean x x^T of the linear's input in the bf16 model's own full forward (transformers'),
+    with layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes
+    as bf16 weights (what the engine's next passes see), and it is accumulated in fp32 (the
+    products of bf16 inputs, not a bf16 sum)."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    import quantize.sequential as seq
+
+    model = Gemma3nForConditionalGeneration.from_pretrained(tiny_random, dtype=torch.bfloat16).eval()
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    got = {}
+    real = seq.gptq_quantize
+
+    def spy(name, weight, hessian, scheme, **kw):
+        assert hessian.dtype == torch.float32 and weight.dtype == torch.bfloat16
+        got[name] = hessian.detach().to(torch.float64, copy=True)
+        return real(name, weight, hessian, scheme, **kw)
+
+    monkeypatch.setattr(seq, "gptq_quantize", spy)
+    batches = make_batches()
+    layers = {i: existing_linears(model, i) for i in (0, 1)}
+    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i, ms in layers.items() for m in ms}
+    res = quantize_text_decoder(model, schemes, batches, progress=False, compute_dtype=torch.bfloat16)
+    assert set(got) == set(schemes)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the layers went back as they were
+
+    for i, present in layers.items():
+        earlier = [text_linear_name(0, m) for m in layers[0]] if i == 1 else []
+        for _stage, paths in seq.STAGES:
+            stage = [p for p in paths if p in present]
+            if not stage:
+                continue
+            model.load_state_dict(pristine)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n in earlier:
+                    params[n].copy_(res.tensors[n].dequantize())  # rounded to bf16 as in the engine
+            xs = []
+            mod = model.model.language_model.layers[i].get_submodule(stage[0])
+            hd = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+            try:
+                with torch.no_grad():
+                    for b in batches:
+                        model(**b)
+            finally:
+                hd.remove()
+            assert all(x.dtype == torch.float64 for x in xs)
+            x = torch.cat(xs)
+            want = x.T @ x / x.shape[0]
+            for p in stage:
+                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+            earlier += [text_linear_name(i, p) for p in stage]
+
+
+def test_bf16_calibration_keeps_fp32_calibrations_quality(tiny_trained):
+    """GPTQ calibrated with a bf16 forward on the trained model stored in bf16 is as good as with
+    the fp32 forward: the mean KL of its logits from the unquantized model's (fp32 forward of the
+    same bf16 weights) on held-out text is within 10% of the fp32 calibration's, and both are
+    well below RTN's."""
+    from transformers import AutoTokenizer, Gemma3nForConditionalGeneration
+
+    from calibrate.embedded_text import split_documents
+
+    def load(dtype):
+        return Gemma3nForConditionalGeneration.from_pretrained(tiny_trained, dtype=torch.bfloat16).to(dtype).eval()
+
+    tok = AutoTokenizer.from_pretrained(tiny_trained)
+    held_out = [tok(d.text, return_tensors="pt").input_ids[:, :128] for d in split_documents("eval")[:4]]
+    calib = text_batches(tiny_trained, n=4, tokens=128)
+    ref_model = load(torch.float32)
+    with torch.no_grad():
+        ref = [torch.log_softmax(ref_model(input_ids=ids).logits.float(), -1) for ids in held_out]
+
+    def mean_kl(tensors) -> float:
+        model = load(torch.float32)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, qt in tensors.items():
+                params[n].copy_(qt.dequantize())
+            kls = [F.kl_div(torch.log_softmax(model(input_ids=ids).logits.float(), -1), r, log_target=True,
+                            reduction="none").sum(-1).mean() for ids, r in zip(held_out, ref)]
+        return float(torch.stack(kls).mean())
+
+    kl = {}
+    for key, dtype in (("rtn", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = load(torch.bfloat16)
+        schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4" if key == "rtn" else "int4_gptq"]
+                   for i in range(len(model.model.language_model.layers)) for m in existing_linears(model, i)}
+        kl[key] = mean_kl(quantize_text_decoder(model, schemes, calib, progress=False, compute_dtype=dtype).tensors)
+    assert kl["bf16"] <= 1.1 * kl["fp32"], kl
+    assert max(kl["fp32"], kl["bf16"]) < 0.8 * kl["rtn"], kl

@@ -61,7 +61,7 @@ def _whole_model_calibration(recipe, ckpt, plan, multimodal: bool = True):
     if multimodal:
         assert any("pixel_values" in b for b in batches) and any("input_features" in b for b in batches)
     result = quantize_text_decoder(model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8,
-                                   progress=False, compute_dtype=torch.float32)
+                                   progress=False, compute_dtype=getattr(torch, recipe.compute_dtype))
     return calib.manifest, result, importance
 
 
@@ -200,3 +200,73 @@ def test_text_only_checkpoint_streams_without_towers_or_embedders(tiny_trained, 
     assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
     for name, qt in want.tensors.items():
         assert torch.equal(got.tensors[name].codes, qt.codes) and torch.equal(got.tensors[name].scales, qt.scales), name
+
+
+def _bf16_copy(src, folder):
+    """The checkpoint with every floating tensor stored in bfloat16 and its config saying so,
+    as Google ships E4B."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            shutil.copy(f, folder / f.name)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_bf16_compute_dtype_streams_as_the_whole_bf16_model(tiny_trained, tmp_path):
+    """``compute_dtype: bfloat16`` reaches the engine through the streamed pipeline: on a
+    bf16-stored checkpoint its codes equal the whole bf16 model's run through the engine in
+    bf16, bit for bit, and differ from the float32 calibration's (the key is read)."""
+    from calibrate.config import CalibrationConfig
+    from quantize.pipeline import prepare
+
+    folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
+    base = _recipe(folder, tmp_path, {"preset": "int4_gptq", "act_order": True}, False)
+    base = base.model_copy(update={"calibration": CalibrationConfig.model_validate({"text": CALIBRATION["text"]})})
+    recipe = base.model_copy(update={"compute_dtype": "bfloat16"})
+    ckpt, plan = prepare(recipe)
+    _, want, _ = _whole_model_calibration(recipe, ckpt, plan, multimodal=False)
+    _, got, _ = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / "spill")
+    assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
+    for name, qt in want.tensors.items():
+        assert torch.equal(got.tensors[name].codes, qt.codes), name
+        assert torch.equal(got.tensors[name].scales, qt.scales), name
+    _, fp32, _ = _whole_model_calibration(base, ckpt, plan, multimodal=False)
+    assert any(not torch.equal(fp32.tensors[n].codes, qt.codes) for n, qt in want.tensors.items())
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("fp32 checkpoint", "needs the text decoder stored in bfloat16"),
+    ("rtn text", "calibrates nothing there"),
+    ("awq text", "AWQ folds its scales"),
+])
+def test_bf16_compute_dtype_refuses_what_it_would_not_do(tiny_trained, tmp_path, case, expect):
+    """Refused in ``prepare`` (before a weight is read), one line naming the key: a decoder bf16
+    cannot hold exactly, a recipe whose decoder is not calibrated, AWQ's folded scales."""
+    from quantize.errors import RecipeError
+    from quantize.pipeline import prepare
+
+    folder = tiny_trained if case == "fp32 checkpoint" else _bf16_copy(tiny_trained, tmp_path / "bf16")
+    text = {"fp32 checkpoint": {"preset": "int4_gptq"}, "rtn text": "int4", "awq text": {"preset": "int4_awq"}}[case]
+    recipe = _recipe(folder, tmp_path, text, False)
+    data = {**recipe.model_dump(mode="json", exclude_none=True), "compute_dtype": "bfloat16"}
+    for tower in ("vision", "audio"):
+        data["towers"][tower] = "int8_channel"  # no importance: nothing else calibrated
+    from quantize.recipe import Recipe
+
+    with pytest.raises(RecipeError) as err:
+        prepare(Recipe.model_validate(data))
+    msg = str(err.value)
+    assert msg.startswith("compute_dtype: bfloat16") and expect in msg and "\n" not in msg, msg
+    if case == "fp32 checkpoint":
+        assert "F32" in msg and str(folder) in msg

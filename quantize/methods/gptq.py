@@ -16,6 +16,9 @@ Details:
 - without act-order, a group's scale is chosen when its first column is reached, from the
   weights as already updated by the error feedback (as in the reference implementation);
 - lazy batch updates of ``scheme.block_size`` columns;
+- with act-order (static groups) the column loop reads H's own (reversed) Cholesky factor and
+  feeds back the original weights' rounding differences: the same algorithm without the
+  triangular inverse that H^-1's factor costs (``_quantize_columns`` shows why);
 - a Hessian that is not positive definite after dampening (or not finite) falls back to RTN
   for this tensor; ``info["fallback"]`` records why.
 """
@@ -37,20 +40,20 @@ class HessianShapeError(QuantizeError):
     """The Hessian given for a tensor does not match its input width."""
 
 
-def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) that GPTQ's column loop reads, and
-    0 or, where H is not positive definite, the column (1-based) where its Cholesky failed. ``h`` (symmetric) is consumed:
-    on the CPU its memory becomes U's.
+def reverse_cholesky(h: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, int]:
+    """R upper triangular with H = R R^T (the Cholesky factor of H in reversed column order), or
+    with ``inverse`` U = R^-1, the upper Cholesky factor of H^-1 (H^-1 = U^T U) that the
+    textbook's column loop reads; and 0 or, where H is not positive definite, the column
+    (1-based) where its Cholesky failed. ``h`` (symmetric) is consumed: on the CPU its memory
+    becomes the result's.
 
-    The reference implementation takes three n^3-order steps: L = chol(H), H^-1 from L
-    (``cholesky_inverse``: a triangular inverse and a product), then chol(H^-1). With J the
-    reversal permutation and J H J = M M^T (M lower), H^-1 = J M^-T M^-1 J = U^T U with
-    U = J M^-1 J upper triangular: one Cholesky and one triangular inverse, n^3/3 flops each,
-    half the work (E4B's 16384-wide down_proj spent 78 of its 90 CPU seconds in the three
-    steps; these two take 28) with the same accuracy against float64 (0.8x-1.3x the reference's
-    error, measured on trained layers' Hessians). On the CPU both run in
-    LAPACK in place (``spotrf``, ``strtri``), so no n x n matrix besides ``h`` is allocated
-    (1 GiB each for that down_proj); elsewhere torch's Cholesky and a triangular solve."""
+    With J the reversal permutation and J H J = M M^T (M lower), R = J M J and U = J M^-1 J. The
+    reference implementation takes three n^3-order steps for U (chol(H), H^-1, chol(H^-1)); this
+    takes one Cholesky (n^3/3 flops) and, for U, one triangular inverse (n^3/3): 16 s for an
+    E4B down_proj here, of which the inverse is 7 s, and GPTQ with static groups needs only R
+    (``_quantize_columns``). On the CPU both run in LAPACK in place (``spotrf``, ``strtri``), so
+    no n x n matrix besides ``h`` is allocated (1 GiB for that down_proj); elsewhere torch's
+    Cholesky of the flipped matrix and a triangular solve."""
     n = h.shape[0]
     if h.device.type == "cpu" and h.dtype == torch.float32 and h.is_contiguous():
         from scipy.linalg import lapack
@@ -60,19 +63,21 @@ def inverse_cholesky_upper(h: torch.Tensor) -> tuple[torch.Tensor, int]:
         c, info = lapack.spotrf(a, lower=1, overwrite_a=1, clean=1)
         if info != 0:
             return h, n - int(info) + 1  # the column in H's own order
-        c, info = lapack.strtri(c, lower=1, overwrite_c=1)
-        if info != 0:
-            return h, -1  # not reached: a successful Cholesky has a non-zero diagonal
-        minv = torch.from_numpy(c)  # M^-1, column-major: h's memory when LAPACK worked in place
-        _reverse_both_axes_(minv)
-        return minv, 0
+        if inverse:
+            c, info = lapack.strtri(c, lower=1, overwrite_c=1)
+            if info != 0:
+                return h, -1  # not reached: a successful Cholesky has a non-zero diagonal
+        m = torch.from_numpy(c)  # M or M^-1, column-major: h's memory when LAPACK worked in place
+        _reverse_both_axes_(m)
+        return m, 0
     m, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         return m, n - int(info) + 1
-    eye = torch.eye(n, dtype=m.dtype, device=m.device)
-    minv = torch.linalg.solve_triangular(m, eye, upper=False)
-    del m, eye
-    return minv.flip(0, 1), 0
+    if inverse:
+        eye = torch.eye(n, dtype=m.dtype, device=m.device)
+        m = torch.linalg.solve_triangular(m, eye, upper=False)
+        del eye
+    return m.flip(0, 1), 0
 
 
 def _reverse_both_axes_(t: torch.Tensor, chunk: int = 1 << 22) -> None:
@@ -127,7 +132,8 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     difference was not profiled). Codes are the same either way."""
     if scheme.type not in ("int4", "int8"):
         raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
-    w = as_rows(weight).clone()
+    orig = as_rows(weight)  # read only: the column loop's originals (no copy when already fp32)
+    w = orig.clone()
     rows, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
         raise HessianShapeError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
@@ -167,15 +173,26 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
 
     damp = scheme.dampening * torch.diagonal(h).mean()
     h.diagonal().add_(damp)
-    hinv, info = inverse_cholesky_upper(h)
+    # Static groups (act-order) read R and feed back the original weights' rounding differences;
+    # dynamic groups choose each scale from partly updated weights, which only the textbook's
+    # order of updates defines, so they read U = R^-1 (see _quantize_columns).
+    static = perm is not None
+    f, info = reverse_cholesky(h, inverse=not static)
     del h
     if info != 0:
         return _fallback(name, weight, scheme, h_diag, f"hessian not positive definite (cholesky failed at column {info}) after dampening {scheme.dampening}")
-    if not _all_finite(hinv):
-        return _fallback(name, weight, scheme, h_diag, "inverse hessian not positive definite")
+    if not _all_finite(f):
+        return _fallback(name, weight, scheme, h_diag, "hessian's cholesky factor not finite")
+    f_diag = f.diagonal().clone()
+    if static:
+        f.div_(f_diag)  # R[j, k] / R[k, k]
+        loss_scale = f_diag
+    else:
+        f.mul_((-1.0 / f_diag).unsqueeze(1))  # -U[j, k] / U[j, j]
+        loss_scale = 1.0 / f_diag
 
-    codes_t, loss = _quantize_columns(w, hinv, scales, zeros, perm, g_size, bits, block=scheme.block_size)
-    del hinv
+    codes_t, loss = _quantize_columns(w, orig, f, loss_scale, scales, zeros, perm, g_size, bits, block=scheme.block_size)
+    del f
     if perm is not None:
         unperm = torch.empty_like(codes_t)
         unperm[perm] = codes_t
@@ -205,24 +222,36 @@ def _fallback(name: str, weight: torch.Tensor, scheme: QuantScheme, h_diag: torc
     return qt
 
 
-def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                      perm: torch.Tensor | None, g_size: int, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_columns(w: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, loss_scale: torch.Tensor,
+                      scales: torch.Tensor, zeros: torch.Tensor | None, perm: torch.Tensor | None, g_size: int,
+                      bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Algorithm 1's loop over the columns of ``w`` (already in processing order; updated in place).
 
-    Returns the codes transposed, (cols, rows) in processing order, and the per-row loss. Static
-    ``scales`` / ``zeros`` (act-order) are read, dynamic ones are filled in at each group start.
+    Each column k is quantized from the updated weights w'_k; the rounding difference d_k is fed
+    on to the later columns through row k of ``f``: w'_l += f[k, l] d_k (l > k; within a block at
+    once, beyond it lazily, one matmul per block, sec. 4.2 of the GPTQ paper). Two equivalent
+    forms, chosen by ``perm`` (given: static groups):
+    - textbook (dynamic groups): d_k = w'_k - q_k and f = -U / diag(U) by rows, with
+      H^-1 = U^T U, U upper. Every intermediate state of the weights is the textbook's, so a
+      group's scale, chosen from its columns when the first is reached, is the textbook's.
+    - from the originals (static groups): d_k = w_k - q_k with w the ORIGINAL weights, and
+      f = R / diag(R) by columns, H = R R^T, R = U^-1 upper. Writing GPTQ's errors
+      e_j = (w'_j - q_j) / U_jj as E gives W - Q = E U, so E = (W - Q) R and
+      w'_k = w_k + sum_{j<k} (w_j - q_j) R_jk / R_kk: the same w'_k when column k is reached
+      ("GPTQ as Babai's nearest plane algorithm", Chen et al. 2025, arXiv 2507.18553), without
+      H^-1's factor. Only the partial states before that differ, which static groups never read.
+    ``orig``: the original weights in their own column order (``perm`` maps processing order to
+    it). Returns the codes transposed, (cols, rows) in processing order, and the per-row loss
+    e_k^2 / 2 = ((w'_k - q_k) * loss_scale_k)^2 / 2. Static ``scales`` / ``zeros`` are read,
+    dynamic ones are filled in at each group start.
 
-    Speed without changing a bit: each block is worked on as a transposed copy, so a column is a
-    contiguous row and the per-column updates stream through memory; a group's scale reads only
-    its own ``g_size`` columns; a group's reciprocal scales are computed once, not per column.
-    The column step is as few tensor operations as the textbook arithmetic allows (9 with
-    symmetric codes, where the textbook step takes 15), because on a GPU each is a kernel
-    launch and the loop runs once per input column (28672 times per E4B layer): a block's codes
-    and errors are written into block buffers, converted and squared once per block. Every code
-    and update still goes through the same float operations in the same order as in the
-    textbook loop, and the lazy update after a block is the same matmul on the same operands.
-    Only the float64 loss is summed in another order (a block's columns first): it may differ in
-    the last bits."""
+    Speed: each block is worked on as a transposed copy, so a column is a contiguous row and the
+    per-column updates stream through memory; a group's scale reads only its own ``g_size``
+    columns; a group's reciprocal scales are computed once, not per column. The column step is
+    6 tensor operations with symmetric codes, because on a GPU each is a kernel launch and the
+    loop runs once per input column (28672 times per E4B layer): a block's codes, dequantized
+    values and differences are written into block buffers and converted or squared once per
+    block."""
     rows, cols = w.shape
     sym = zeros is None
     lo_q, hi_q = symmetric_range(bits) if sym else (0, (1 << bits) - 1)
@@ -239,13 +268,15 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor,
         z_all = None if sym else zeros.t().to(torch.float32)
     s = inv = zf = None
     q_buf = torch.empty(min(block, cols), rows, dtype=torch.float32, device=w.device)
-    err_buf = torch.empty_like(q_buf)
+    dq_buf = torch.empty_like(q_buf)
+    d_buf = torch.empty_like(q_buf)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         n = i2 - i1
-        w1 = w[:, i1:i2].t().contiguous()  # (n, rows)
-        q1, err1 = q_buf[:n], err_buf[:n]
-        hinv1 = hinv[i1:i2, i1:i2]
+        w1 = w[:, i1:i2].t().contiguous()  # (n, rows): updated weights
+        src1 = w1 if perm is None else orig.index_select(1, perm[i1:i2]).t().contiguous()
+        q1, dq1, d1 = q_buf[:n], dq_buf[:n], d_buf[:n]
+        f1 = f[i1:i2, i1:i2].contiguous()
         for i in range(n):
             j = i1 + i
             g = order[j] // g_size
@@ -263,16 +294,18 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor,
                 if not sym:
                     zeros[:, g] = zg[:, 0]
                     zf = zg[:, 0].to(torch.float32)
-            col, q, err = w1[i], q1[i], err1[i]
-            # q = round(col / s) clamped, as round(col * inv): in place in the block's buffer
-            torch.mul(col, inv, out=q)
+            q, dq, d = q1[i], dq1[i], d1[i]
+            # q = round(w' / s) clamped, as round(w' * inv): in place in the block's buffer
+            torch.mul(w1[i], inv, out=q)
             if sym:
-                dq = q.round_().clamp_(lo_q, hi_q) * s
+                torch.mul(q.round_().clamp_(lo_q, hi_q), s, out=dq)
             else:
-                dq = (q.add_(zf).round_().clamp_(lo_q, hi_q) - zf) * s
-            torch.div(col - dq, hinv1[i, i], out=err)
-            w1[i + 1:] -= hinv1[i, i + 1:].unsqueeze(1) * err.unsqueeze(0)
+                torch.mul(q.add_(zf).round_().clamp_(lo_q, hi_q) - zf, s, out=dq)
+            torch.sub(src1[i], dq, out=d)
+            if i + 1 < n:
+                w1[i + 1:].addr_(f1[i, i + 1:], d)
         codes_t[i1:i2] = q1.to(codes_t.dtype)
-        loss += (err1.double() ** 2).sum(0) / 2
-        w[:, i2:] -= err1.t().contiguous() @ hinv[i1:i2, i2:]
+        loss += (((w1 - dq1) * loss_scale[i1:i2].unsqueeze(1)).double() ** 2).sum(0) / 2
+        if i2 < cols:
+            w[:, i2:].addmm_(d1.t(), f[i1:i2, i2:])
     return codes_t, loss
