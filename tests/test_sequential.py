@@ -479,34 +479,7 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
         "mlp.down_proj": n_ref + b,
     }
 
-    checked = 0
-    for i, present in layers.items():
-        earlier = [text_linear_name(0, m) for m in layers[0]] if i == 1 else []
-        for _stage, paths in seq.STAGES:
-            stage = [p for p in paths if p in present]
-            if not stage:
-                continue
-            fresh.load_state_dict(pristine)
-            params = dict(fresh.named_parameters())
-            with torch.no_grad():
-                for n in earlier:
-                    params[n].copy_(res.tensors[n].dequantize())
-            xs = []
-            mod = fresh.model.language_model.layers[i].get_submodule(stage[0])
-            hd = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
-            try:
-                with torch.no_grad():
-                    for b in batches:
-                        fresh(**b)
-            finally:
-                hd.remove()
-            x = torch.cat(xs)
-            want = x.T @ x / x.shape[0]
-            for p in stage:
-                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
-                checked += 1
-            earlier += [text_linear_name(i, p) for p in stage]
-    assert checked == len(schemes)
+    assert_stage_hessians_are_second_moments(fresh, pristine, layers, res, got, batches)
 
 
 def test_bf16_engine_hessians_are_the_bf16_models_own_inputs_second_moment(tiny_random, monkeypatch):
@@ -537,32 +510,7 @@ def test_bf16_engine_hessians_are_the_bf16_models_own_inputs_second_moment(tiny_
     assert set(got) == set(schemes)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())  # the layers went back as they were
 
-    for i, present in layers.items():
-        earlier = [text_linear_name(0, m) for m in layers[0]] if i == 1 else []
-        for _stage, paths in seq.STAGES:
-            stage = [p for p in paths if p in present]
-            if not stage:
-                continue
-            model.load_state_dict(pristine)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for n in earlier:
-                    params[n].copy_(res.tensors[n].dequantize())  # rounded to bf16 as in the engine
-            xs = []
-            mod = model.model.language_model.layers[i].get_submodule(stage[0])
-            hd = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
-            try:
-                with torch.no_grad():
-                    for b in batches:
-                        model(**b)
-            finally:
-                hd.remove()
-            assert all(x.dtype == torch.float64 for x in xs)
-            x = torch.cat(xs)
-            want = x.T @ x / x.shape[0]
-            for p in stage:
-                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
-            earlier += [text_linear_name(i, p) for p in stage]
+    assert_stage_hessians_are_second_moments(model, pristine, layers, res, got, batches)
 
 
 def test_bf16_calibration_keeps_fp32_calibrations_quality(tiny_trained):
@@ -602,3 +550,41 @@ def test_bf16_calibration_keeps_fp32_calibrations_quality(tiny_trained):
         kl[key] = mean_kl(quantize_text_decoder(model, schemes, calib, progress=False, compute_dtype=dtype).tensors)
     assert kl["bf16"] <= 1.1 * kl["fp32"], kl
     assert max(kl["fp32"], kl["bf16"]) < 0.8 * kl["rtn"], kl
+
+
+def assert_stage_hessians_are_second_moments(model, pristine, layers, res, got, batches):
+    """Each stage's Hessian of ``layers`` (index -> its linears; layer 1 after layer 0) in ``got``
+    (checkpoint name -> float64 Hessian the engine gave GPTQ) is mean x x^T of the linear's input
+    in the model's own full forward (transformers'), with the earlier layers and the layer's
+    earlier stages replaced by the returned codes (``res.tensors``, dequantized into the
+    model's own dtype)."""
+    import quantize.sequential as seq
+
+    checked = 0
+    for i, present in layers.items():
+        earlier = [text_linear_name(0, m) for m in layers[0]] if i == 1 else []
+        for _stage, paths in seq.STAGES:
+            stage = [p for p in paths if p in present]
+            if not stage:
+                continue
+            model.load_state_dict(pristine)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n in earlier:
+                    params[n].copy_(res.tensors[n].dequantize())
+            xs = []
+            mod = model.model.language_model.layers[i].get_submodule(stage[0])
+            hd = mod.register_forward_pre_hook(lambda _m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+            try:
+                with torch.no_grad():
+                    for b in batches:
+                        model(**b)
+            finally:
+                hd.remove()
+            x = torch.cat(xs)
+            want = x.T @ x / x.shape[0]
+            for p in stage:
+                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+                checked += 1
+            earlier += [text_linear_name(i, p) for p in stage]
+    assert checked == sum(len(ms) for ms in layers.values())
