@@ -77,10 +77,10 @@ def _check_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
     if recipe.compute_dtype == "float32":
         return
     key = f"compute_dtype: {recipe.compute_dtype}"
-    text = [e for e in plan.entries if e.quantized and e.tower == "text"]
-    if not (any(_text_calibrated(e) for e in text) or recipe.kv_cache.fp8):
+    if not _runs_decoder_engine(recipe, plan):
         raise RecipeError(f"{key} sets the text decoder's calibration forward, and this recipe calibrates nothing "
                           "there (no GPTQ, AWQ or importance in towers.text or overrides, no kv_cache.fp8): remove the key")
+    text = [e for e in plan.entries if e.quantized and e.tower == "text"]  # what the engine quantizes
     awq = sorted(e.name for e in text if e.scheme.method == "awq")
     if awq:
         raise RecipeError(f"{key}: AWQ folds its scales into norm and linear weights, which bfloat16 would round "
@@ -140,6 +140,11 @@ def resolve_mmproj(ctx, gguf) -> tuple[bool, str | None]:
 
 def _text_calibrated(e) -> bool:
     return e.quantized and e.tower == "text" and (e.scheme.method in CALIBRATED_METHODS or e.scheme.importance)
+
+
+def _runs_decoder_engine(recipe: Recipe, plan: Plan) -> bool:
+    """Whether the sequential engine calibrates the text decoder (and so reads compute_dtype)."""
+    return any(_text_calibrated(e) for e in plan.entries) or recipe.kv_cache.fp8
 
 
 def _tower_calibrated(e) -> bool:
@@ -298,7 +303,7 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
             streamed.release_tower(tower)
 
     result = None
-    if any(_text_calibrated(e) for e in plan.entries) or recipe.kv_cache.fp8:
+    if _runs_decoder_engine(recipe, plan):
         # Every quantized decoder linear goes through the engine, plain RTN too: later layers,
         # and KV consumers reading their producer's cache, must calibrate on the quantized model.
         schemes = {e.name: e.scheme for e in plan.entries if e.quantized and e.tower == "text"}

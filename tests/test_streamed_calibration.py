@@ -175,20 +175,10 @@ def test_text_only_checkpoint_streams_without_towers_or_embedders(tiny_trained, 
     """A checkpoint with only the text model (like bench/synthetic_e4b.py's): the embedders the
     forward runs on every batch are absent; their output is discarded for text tokens, so the
     streamed codes still equal the whole model's (which transformers fills at random)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     from quantize.pipeline import prepare
 
-    folder = tmp_path / "text-only"
-    folder.mkdir()
-    for f in tiny_trained.iterdir():
-        if f.is_file() and f.name != "model.safetensors":
-            shutil.copy(f, folder / f.name)
-    tensors = load_file(str(tiny_trained / "model.safetensors"))
-    save_file({k: v for k, v in tensors.items() if k.startswith("model.language_model.")}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    folder = _rewritten_copy(tiny_trained, tmp_path / "text-only",
+                             lambda ts: {k: v for k, v in ts.items() if k.startswith("model.language_model.")})
     recipe = _recipe(folder, tmp_path, {"preset": "int4_gptq"}, False)
     from calibrate.config import CalibrationConfig
 
@@ -202,9 +192,9 @@ def test_text_only_checkpoint_streams_without_towers_or_embedders(tiny_trained, 
         assert torch.equal(got.tensors[name].codes, qt.codes) and torch.equal(got.tensors[name].scales, qt.scales), name
 
 
-def _bf16_copy(src, folder):
-    """The checkpoint with every floating tensor stored in bfloat16 and its config saying so,
-    as Google ships E4B."""
+def _rewritten_copy(src, folder, rewrite, config=None):
+    """The checkpoint folder ``src`` copied to ``folder`` with its tensors passed through
+    ``rewrite`` (name -> tensor dict in and out) and ``config`` merged into config.json."""
     import json
     import shutil
 
@@ -214,13 +204,18 @@ def _bf16_copy(src, folder):
     for f in src.iterdir():
         if f.is_file() and f.name != "model.safetensors":
             shutil.copy(f, folder / f.name)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["dtype"] = "bfloat16"
-    (folder / "config.json").write_text(json.dumps(cfg))
-    tensors = load_file(str(src / "model.safetensors"))
-    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    save_file(rewrite(load_file(str(src / "model.safetensors"))), str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+def _bf16_copy(src, folder):
+    """The checkpoint with every floating tensor stored in bfloat16 and its config saying so,
+    as Google ships E4B."""
+    return _rewritten_copy(src, folder, lambda ts: {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                                    for k, v in ts.items()}, config={"dtype": "bfloat16"})
 
 
 def test_bf16_compute_dtype_streams_as_the_whole_bf16_model(tiny_trained, tmp_path):

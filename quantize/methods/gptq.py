@@ -133,7 +133,7 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     if scheme.type not in ("int4", "int8"):
         raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
     orig = as_rows(weight)  # read only: the column loop's originals (no copy when already fp32)
-    w = orig.clone()
+    w = orig  # only read until the working copy is made below (permuted or not)
     rows, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
         raise HessianShapeError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
@@ -164,8 +164,8 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
         perm = torch.argsort(diag, descending=True, stable=True)
     h = h_in if in_place else h_in.clone()
     del h_in
+    w = orig[:, perm] if perm is not None else orig.clone()  # the working copy the column loop updates
     if perm is not None:
-        w = w[:, perm]
         _permute_symmetric_(h, perm)
         diag = diag[perm]
     h.diagonal().copy_(diag)  # dead columns: H[j, j] = 1
