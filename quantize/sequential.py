@@ -447,8 +447,8 @@ def quantize_text_decoder(
     to quantize here (others stay as they are). ``batches``: model input dicts.
     ``compute_dtype``: the layer being calibrated and the activations passed between layers use
     it (fp32: a bf16 model is upcast one layer at a time, so the propagated fake-quantized
-    function stays fp32; bf16: the layer is run as stored, 2-3x faster matmuls where the hardware
-    has them, and the fake-quantized weights the next layers see are ``codes * scale`` rounded
+    function stays fp32; bf16: the layer is run as stored, faster matmuls where the hardware has
+    bf16 instructions, and the fake-quantized weights the next layers see are ``codes * scale`` rounded
     to bf16). Hessians and importance are accumulated in fp32 either way. The layer goes back
     to its own dtype afterwards, where ``codes * scale`` may round: the returned
     ``QuantizedTensor``s are exact regardless.
