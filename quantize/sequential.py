@@ -66,6 +66,13 @@ REFERENCE_TOKENS = 4096  # calibration tokens whose float layer outputs score th
 # Activations a layer may keep to skip recomputing its MLP (see _MlpReuse): E4B's down_proj
 # inputs at 32 x 512 tokens are 1 GiB in fp32; the rest of the budget covers multimodal tokens.
 MLP_REUSE_BYTES = 5 * 2**28
+# A stage whose GPTQ linears all use act-order keeps its input rows instead of H while the
+# tokens are at most its input width / LOW_RANK_DIVISOR: GPTQ then factors H in low-rank form
+# (gptq._gptq_low_rank: 2 t^2 n + 2 rows t n multiply-adds, against the dense path's
+# t n^2 / 2 + n^3 / 3 + rows n^2 / 2; at a quarter of the columns they cost the same for
+# E4B's gate/up, whose 16384 rows make the rank-t updates dear, and the low-rank one 2.8x
+# less for down_proj; at E4B's 4 x 512 tokens it is down_proj's path).
+LOW_RANK_DIVISOR = 4
 _NAME_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(" + "|".join(re.escape(m) for m in LINEARS) + r")\.weight$")
 
 
@@ -381,9 +388,10 @@ def run_layer(layer, i: int, layer_type: str, h: torch.Tensor, ctx: _BatchContex
     )
 
 
-def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool,
-             stop: Callable[[], bool] | None = None) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
+def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool, stop: Callable[[], bool] | None = None,
+             low_rank: bool = False) -> dict[str, tuple[ActStats, HessianAccumulator | None]]:
     """Input statistics of the given linears (each read by a forward pre-hook) over all batches.
+    ``low_rank``: the Hessians may be kept as input rows (see LOW_RANK_DIVISOR).
 
     ``stop`` (one linear only): asked after each input is recorded; True ends that batch's
     forward there (``run_all`` knows whether it needs the batch's output). The statistics are
@@ -396,7 +404,8 @@ def _collect(layer, run_all, module_paths: Sequence[str], hessian: bool,
         mod = layer.get_submodule(path)
         cols = mod.in_features
         dev = mod.weight.device
-        st = (ActStats(cols, dev), HessianAccumulator(cols, dev) if hessian else None)
+        rows_up_to = cols // LOW_RANK_DIVISOR if low_rank else 0
+        st = (ActStats(cols, dev), HessianAccumulator(cols, dev, rows_up_to=rows_up_to) if hessian else None)
         stats[path] = st
 
         def hook(_m, args, st=st):
@@ -424,7 +433,8 @@ def _quantize_one(name: str, weight: torch.Tensor, scheme: QuantScheme, st, last
             qt = quantize_rtn(name, weight.cpu(), scheme, importance=importance)
             qt.info["fallback"] = "rtn: no calibration tokens reached this linear"
             return qt
-        return gptq_quantize(name, weight, hess.hessian(), scheme, consume=last)
+        rows = hess.gram()  # the input rows while there are few tokens (see LOW_RANK_DIVISOR)
+        return gptq_quantize(name, weight, rows if rows is not None else hess.hessian(), scheme, consume=last)
     return quantize_rtn(name, weight.detach().cpu(), scheme, importance=importance)
 
 
@@ -552,7 +562,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         if stage0:
             # batches past the reference end at q_proj's input (all of them at 4 x 512: none)
             first_stats = _collect(layer, lambda: run_all(reference), [STAGES[0][1][0]], _needs_hessian(wanted, stage0),
-                                   stop=output_unused)
+                                   stop=output_unused, low_rank=_low_rank(wanted, stage0))
         elif wanted:
             run_all(reference)
         clock.lap("statistics")
@@ -574,7 +584,8 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
                 if stage == "mlp_out" and reuse.has_mlp_inputs():  # no batch's output is needed there
                     run, stop = (lambda: reuse.run_mlp(layer.mlp)), (lambda: True)
                 try:
-                    st = _collect(layer, run, [paths[0]], _needs_hessian(wanted, todo), stop=stop)[paths[0]]
+                    st = _collect(layer, run, [paths[0]], _needs_hessian(wanted, todo), stop=stop,
+                                  low_rank=_low_rank(wanted, todo))[paths[0]]
                 finally:
                     if keep is not None:
                         keep.remove()
@@ -644,6 +655,11 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
 
 def _needs_hessian(wanted: Mapping[str, QuantScheme], paths) -> bool:
     return any(wanted[p].method == "gptq" for p in paths)
+
+
+def _low_rank(wanted: Mapping[str, QuantScheme], paths) -> bool:
+    """Whether GPTQ can read the stage's Hessian as input rows (act-order only: see gptq_quantize)."""
+    return all(wanted[p].act_order for p in paths if wanted[p].method == "gptq")
 
 
 def _needs_stats(wanted: Mapping[str, QuantScheme], paths) -> bool:

@@ -14,7 +14,7 @@ import torch
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
 from quantize.methods.gptq import gptq_quantize, reverse_cholesky
 from quantize.methods.rtn import quantize_rtn
-from quantize.methods.stats import ActStats, HessianAccumulator
+from quantize.methods.stats import ActStats, GramRows, HessianAccumulator
 from quantize.schemes import QuantScheme, resolve_scheme
 
 # SQNR floors (dB) on i.i.d. Gaussian weights, (256, 1024). Reasoning: Q4_0 uses the step
@@ -196,6 +196,28 @@ def test_tiled_hessian_is_the_full_second_moment(cols, block):
     torch.testing.assert_close(acc.diag().double(), (x ** 2).mean(0), rtol=1e-5, atol=1e-7)
 
 
+def test_hessian_keeps_input_rows_up_to_the_limit_then_folds_them():
+    """``rows_up_to``: the rows themselves while the tokens fit (no n x n matrix, their second
+    moment against float64), and past the limit the same H as an accumulator that never kept
+    them (bit for bit: the kept batches are folded in the order they came)."""
+    g = torch.Generator().manual_seed(4)
+    chunks = [torch.randn(n, 96, generator=g) * (torch.rand(96, generator=g) + 0.1) for n in (20, 30, 40)]
+    kept, plain = HessianAccumulator(96, block=32, rows_up_to=50), HessianAccumulator(96, block=32)
+    for c in chunks[:2]:
+        kept.add(c)
+        plain.add(c)
+    assert kept.h is None and kept.n == 50
+    rows = kept.gram()
+    assert torch.equal(rows.x, torch.cat(chunks[:2]))
+    x = torch.cat(chunks[:2]).double()
+    torch.testing.assert_close(rows.dense().double(), x.T @ x / 50, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kept.diag().double(), (x ** 2).mean(0), rtol=1e-5, atol=1e-7)
+    kept.add(chunks[2])  # 90 tokens: past the limit
+    plain.add(chunks[2])
+    assert kept.gram() is None
+    assert torch.equal(kept.hessian(), plain.hessian())
+
+
 # ---------------------------------------------------------------- GPTQ
 
 
@@ -252,15 +274,26 @@ def test_gptq_non_pd_hessian_falls_back_to_rtn():
     nan = torch.eye(64)
     nan[3, 3] = float("nan")
     assert "non-finite" in gptq_quantize("w", w, nan, scheme).info["fallback"]
+    # from input rows (low-rank act-order GPTQ): 8 tokens, 64 columns, no dampening: rank 8
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(8))
+    ordered = QuantScheme(type="int4", method="gptq", dampening=0.0, act_order=True)
+    q = gptq_quantize("layer.w", w, GramRows(x), ordered)
+    assert q.info["fallback"].startswith("rtn: hessian not positive definite")
+    assert torch.equal(q.codes, quantize_rtn("w", w, QuantScheme(type="int4")).codes)
+    x[2, 5] = float("inf")
+    assert "non-finite" in gptq_quantize("w", w, GramRows(x), ordered).info["fallback"]
 
 
-def test_gptq_dead_columns_are_rounded_not_lost():
-    x = correlated_inputs(1024, 64, seed=8)
+@pytest.mark.parametrize("given", ["hessian", "rows"])
+def test_gptq_dead_columns_are_rounded_not_lost(given):
+    """Also from input rows (low-rank act-order GPTQ, here with fewer tokens than columns)."""
+    x = correlated_inputs(1024 if given == "hessian" else 16, 64, seed=8)
     x[:, [5, 40]] = 0.0  # never active in calibration
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(9))
     acc = HessianAccumulator(64)
     acc.add(x)
-    q = gptq_quantize("w", w, acc.hessian(), QuantScheme(type="int8", method="gptq"))
+    h = acc.hessian() if given == "hessian" else GramRows(x)
+    q = gptq_quantize("w", w, h, QuantScheme(type="int8", method="gptq", act_order=given == "rows"))
     assert q.info["dead_columns"] == 2 and "fallback" not in q.info
     deq = q.dequantize()
     assert torch.isfinite(deq).all()
@@ -412,18 +445,23 @@ def trained_layer(tiny_trained):
     tok = AutoTokenizer.from_pretrained(tiny_trained)
     layer = model.model.language_model.layers[2]
     mods = {"q_proj": layer.self_attn.q_proj, "down_proj": layer.mlp.down_proj}
-    acc = {k: HessianAccumulator(m.in_features) for k, m in mods.items()}
-    hooks = [m.register_forward_hook(lambda _m, inp, _out, k=k: acc[k].add(inp[0])) for k, m in mods.items()]
+    inputs = {k: [] for k in mods}
+    hooks = [m.register_forward_hook(lambda _m, inp, _out, k=k: inputs[k].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for k, m in mods.items()]
     with torch.no_grad():
         for d in split_documents("calib")[:3]:
             model(input_ids=tok(d.text, return_tensors="pt").input_ids[:, :128])
     for hk in hooks:
         hk.remove()
+    acc = {k: HessianAccumulator(m.in_features) for k, m in mods.items()}
+    for k, xs in inputs.items():
+        for x in xs:
+            acc[k].add(x)
     prefix = "model.language_model.layers.2."
     with safe_open(str(tiny_trained / "model.safetensors"), framework="pt") as f:
         weights = {"q_proj": f.get_tensor(prefix + "self_attn.q_proj.weight"),
                    "down_proj": f.get_tensor(prefix + "mlp.down_proj.weight")}
-    return {k: (weights[k].to(torch.float32), acc[k].hessian()) for k in mods}
+    return {k: (weights[k].to(torch.float32), acc[k].hessian(), GramRows(torch.cat(inputs[k]))) for k in mods}
 
 
 def gptq_objective(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -444,33 +482,51 @@ def test_gptq_is_the_textbook_algorithm_as_closely_as_float32_allows(trained_lay
     run in float64, it must agree as well as the textbook's own float32 run does: codes that
     differ only where a rounding sat on the edge of a step (and the errors fed on from there),
     and the same objective tr((W - Q) H (W - Q)^T)."""
-    w, h = trained_layer[module]
+    w, h, _x = trained_layer[module]
+    assert_gptq_is_the_textbook_algorithm(w, h, h, act_order, symmetric, group_size)
+
+
+@pytest.mark.parametrize("module", ["q_proj", "down_proj"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_gptq_from_input_rows_is_the_textbook_algorithm(trained_layer, module, symmetric, group_size):
+    """Given the input rows instead of H (``GramRows``), act-order GPTQ factors dampening plus
+    x^T x / t in low-rank form and never forms H; against the textbook in float64 on the H
+    those rows define (to the last bit), as close as the textbook's own float32 run. 384
+    tokens: below down_proj's 512 columns (H singular but for the dampening), above q_proj's 256."""
+    w, _h, x = trained_layer[module]
+    h = x.x.double().T @ x.x.double() / x.x.shape[0]
+    assert_gptq_is_the_textbook_algorithm(w, x, h, True, symmetric, group_size)
+
+
+def assert_gptq_is_the_textbook_algorithm(w, given, h, act_order, symmetric, group_size):
+    """``gptq_quantize`` on ``given`` (H or its rows) against ``gptq_reference`` on ``h``."""
     # block 48 (not a multiple of 32) puts group starts mid-block and groups across blocks
     for block in (128, 48):
         scheme = QuantScheme(type="int4", method="gptq", group_size=group_size, symmetric=symmetric,
                              act_order=act_order, block_size=block)
-        got = gptq_quantize("w", w, h, scheme)
+        got = gptq_quantize("w", w, given, scheme)
         assert "fallback" not in got.info
         exact = gptq_reference(w, h, scheme, dtype=torch.float64)
-        f32 = gptq_reference(w, h, scheme)
+        f32 = gptq_reference(w, h.float(), scheme)
         assert got.codes.dtype == exact[0].dtype and got.scales.dtype == exact[1].dtype
         off_new = float((got.codes != exact[0]).float().mean())
         off_f32 = float((f32[0] != exact[0]).float().mean())
-        assert off_new <= max(2 * off_f32, 2e-3), (module, block, off_new, off_f32)
+        assert off_new <= max(2 * off_f32, 2e-3), (block, off_new, off_f32)
         obj = lambda c, s, z: gptq_objective(w, h, c, s, z, group_size)  # noqa: E731
         best = obj(*exact)
         gap_new = abs(obj(got.codes, got.scales, got.zero_points) - best)
         # one flipped rounding moves the later columns' feedback: float32's own gap is the scale
         # (the textbook in float32 measured up to 0.7% of the objective on these layers, and the
         # same run's gap moves with BLAS threading); the code count above is the sharper check
-        assert gap_new <= max(2 * abs(obj(*f32) - best), 1e-2 * best), (module, block, gap_new, best)
+        assert gap_new <= max(2 * abs(obj(*f32) - best), 1e-2 * best), (block, gap_new, best)
 
 
 @pytest.mark.parametrize("module", ["q_proj", "down_proj"])
 def test_gptq_factor_is_hs_reversed_cholesky(trained_layer, module):
     """``reverse_cholesky`` gives upper R with R R^T = H, as accurately as torch's own Cholesky
     (float64 reference: R = J chol(J H J) J), on LAPACK's in-place path and on torch's path."""
-    _w, h = trained_layer[module]
+    _w, h, _x = trained_layer[module]
     h = h.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0

@@ -18,18 +18,22 @@ Details:
 - lazy batch updates of ``scheme.block_size`` columns;
 - with act-order (static groups) the column loop reads H's own (reversed) Cholesky factor and
   feeds back the original weights' rounding differences: the same algorithm without the
-  triangular inverse that H^-1's factor costs (``_quantize_columns`` shows why);
+  triangular inverse that H^-1's factor costs (``_column_loop`` shows why);
+- given the input rows instead of H (``GramRows``: fewer tokens than columns) and act-order,
+  H is never formed: its factor is built in low-rank form (``_gptq_low_rank``);
 - a Hessian that is not positive definite after dampening (or not finite) falls back to RTN
   for this tensor; ``info["fallback"]`` records why.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
 from quantize.errors import QuantizeError
 from quantize.methods.rtn import as_rows, group_view, int_scales, quantize_rtn, symmetric_range
+from quantize.methods.stats import GramRows
 from quantize.qtensor import QuantizedTensor
 from quantize.schemes import QuantScheme
 
@@ -51,7 +55,7 @@ def reverse_cholesky(h: torch.Tensor, inverse: bool = False) -> tuple[torch.Tens
     reference implementation takes three n^3-order steps for U (chol(H), H^-1, chol(H^-1)); this
     takes one Cholesky (n^3/3 flops) and, for U, one triangular inverse (n^3/3): 16 s for an
     E4B down_proj here, of which the inverse is 7 s, and GPTQ with static groups needs only R
-    (``_quantize_columns``). On the CPU both run in LAPACK in place (``spotrf``, ``strtri``), so
+    (``_column_loop``). On the CPU both run in LAPACK in place (``spotrf``, ``strtri``), so
     no n x n matrix besides ``h`` is allocated (1 GiB for that down_proj); elsewhere torch's
     Cholesky of the flipped matrix and a triangular solve."""
     n = h.shape[0]
@@ -123,9 +127,15 @@ def _permute_symmetric_(h: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -
             i = j
 
 
-def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
+def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramRows, scheme: QuantScheme,
                   consume: bool = False) -> QuantizedTensor:
-    """``consume``: the caller never reads ``hessian`` again (the last linear of a stage), so GPTQ
+    """``hessian``: H itself, or the input rows it is the second moment of (``GramRows``, kept
+    by the caller when there are far fewer tokens than columns). With rows and act-order, GPTQ
+    never forms H: ``_low_rank_factor`` factors dampening plus x^T x / tokens in O(tokens^2 n)
+    instead of Cholesky's n^3 / 3 (the same algorithm and codes up to float rounding); without
+    act-order H is formed from the rows.
+
+    ``consume``: the caller never reads ``hessian`` again (the last linear of a stage), so GPTQ
     works in its memory (permuted in place for act-order, then factored in place): no n x n copy.
     Measured at E4B's down_proj with act-order, 1.00 GiB beyond the inputs instead of 1.44
     (bench/results/gptq_speed.md; not the whole 1 GiB the copy takes, and the rest of the
@@ -133,8 +143,14 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     if scheme.type not in ("int4", "int8"):
         raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
     orig = as_rows(weight)  # read only: the column loop's originals (no copy when already fp32)
+    rows, cols = orig.shape
+    if isinstance(hessian, GramRows):
+        if hessian.x.dim() != 2 or hessian.x.shape[1] != cols:
+            raise HessianShapeError(f"{name}: Hessian input rows of shape {tuple(hessian.x.shape)} do not match {cols} input columns")
+        if scheme.act_order:
+            return _gptq_low_rank(name, weight, orig, hessian.x.to(device=orig.device, dtype=torch.float32), scheme)
+        hessian, consume = hessian.dense(), True
     w = orig  # only read until the working copy is made below (permuted or not)
-    rows, cols = w.shape
     if tuple(hessian.shape) != (cols, cols):
         raise HessianShapeError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match {cols} input columns")
     # Unless consumed, the caller's Hessian is only read (q/k/v and gate/up share one): GPTQ works
@@ -175,7 +191,7 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     h.diagonal().add_(damp)
     # Static groups (act-order) read R and feed back the original weights' rounding differences;
     # dynamic groups choose each scale from partly updated weights, which only the textbook's
-    # order of updates defines, so they read U = R^-1 (see _quantize_columns).
+    # order of updates defines, so they read U = R^-1 (see _column_loop).
     static = perm is not None
     f, info = reverse_cholesky(h, inverse=not static)
     del h
@@ -191,8 +207,21 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
         f.mul_((-1.0 / f_diag).unsqueeze(1))  # -U[j, k] / U[j, j]
         loss_scale = 1.0 / f_diag
 
-    codes_t, loss = _quantize_columns(w, orig, f, loss_scale, scales, zeros, perm, g_size, bits, block=scheme.block_size)
+    block = scheme.block_size
+
+    def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return w[:, i1:i2].t().contiguous(), f[i1:i2, i1:i2].contiguous()
+
+    def finish(i1: int, i2: int, d1: torch.Tensor) -> None:
+        if i2 < cols:  # the lazy update of all later columns (sec. 4.2)
+            w[:, i2:].addmm_(d1.t(), f[i1:i2, i2:])
+
+    codes_t, loss = _column_loop(prepare, finish, w, orig, loss_scale, scales, zeros, perm, g_size, bits, block)
     del f
+    return _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead)
+
+
+def _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead) -> QuantizedTensor:
     if perm is not None:
         unperm = torch.empty_like(codes_t)
         unperm[perm] = codes_t
@@ -209,6 +238,92 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor, scheme
     )
 
 
+def _gptq_low_rank(name: str, weight: torch.Tensor, orig: torch.Tensor, x: torch.Tensor,
+                   scheme: QuantScheme) -> QuantizedTensor:
+    """Act-order GPTQ with H = x^T x / t (t tokens, fewer than the n columns) never formed.
+
+    The dampened H is diagonal plus rank t: ``_low_rank_factor`` gives its reversed Cholesky
+    factor R (H = R R^T) as dense diagonal blocks and, off them, R[j, k] = z_j . g_k with
+    z_j = x[:, j] / sqrt(t). The column loop's feedback into column k from all earlier blocks,
+    sum_j d_j R[j, k] / R[k, k], is then S g_k / R[k, k] with S = sum_j d_j z_j^T (rows x t),
+    kept up to date once per block: rank-t work instead of the dense (n x n) updates. What is
+    computed is the dense path's algorithm (``_column_loop`` in its static-groups form); only
+    the float roundings differ."""
+    rows, cols = orig.shape
+    t = x.shape[0]
+    if not all(bool(torch.isfinite(x[a:a + 256]).all()) for a in range(0, t, 256)):
+        return _fallback(name, weight, scheme, (x.nan_to_num() ** 2).mean(0), "hessian has non-finite entries")
+    h_diag = (x * x).sum(0) / t
+    dead = h_diag == 0
+    g_size = scheme.effective_group or cols
+    group_view(orig, g_size)
+    bits, sym = scheme.bits, scheme.symmetric
+    s0, z0 = int_scales(group_view(orig, g_size), bits, sym)  # static groups, as in the dense path
+    scales = torch.zeros(rows, cols // g_size, dtype=torch.float16, device=orig.device).copy_(s0)
+    zeros = None if sym else torch.zeros(rows, cols // g_size, dtype=torch.uint8, device=orig.device).copy_(z0)
+    perm = torch.argsort(torch.where(dead, 1.0, h_diag), descending=True, stable=True)
+    # the dense path's diagonal: dead columns 1 (their z_j are 0), then the dampening
+    damp = scheme.dampening * torch.where(dead, 1.0, h_diag).mean()
+    extra = (dead.to(torch.float32) + damp)[perm]
+    zt = x.index_select(1, perm).mul_(1.0 / math.sqrt(t))  # (t, n): z_j as columns, processing order
+    block = scheme.block_size
+    fac = _low_rank_factor(zt, extra, block)
+    if isinstance(fac, int):
+        return _fallback(name, weight, scheme, h_diag, f"hessian not positive definite (cholesky failed at column {fac + 1}) after dampening {scheme.dampening}")
+    r_blocks, g = fac
+    loss_scale = torch.cat([r.diagonal() for r in r_blocks])
+    s_acc = torch.zeros(rows, t, dtype=torch.float32, device=orig.device)
+
+    def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = r_blocks[i1 // block]
+        rd = r.diagonal()
+        w1 = orig.index_select(1, perm[i1:i2]).addmm_(s_acc, g[:, i1:i2] / rd).t().contiguous()
+        return w1, r / rd
+
+    def finish(i1: int, i2: int, d1: torch.Tensor) -> None:
+        if i2 < cols:
+            s_acc.addmm_(d1.t(), zt[:, i1:i2].t())
+
+    codes_t, loss = _column_loop(prepare, finish, None, orig, loss_scale, scales, zeros, perm, g_size, bits, block)
+    return _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead)
+
+
+def _low_rank_factor(zt: torch.Tensor, extra: torch.Tensor, block: int):
+    """R upper with Z Z^T + diag(extra) = R R^T (Z = ``zt``^T, n x t), in block form: the dense
+    diagonal blocks R[B, B] (one per ``block`` columns) and G (t x n) with R[j, k] = z_j . g_k
+    for j in an earlier block than k. Or, where the matrix is not positive definite, the
+    (0-based) column whose block failed.
+
+    Blocks are eliminated from the last (R is H's factor in reversed column order). With the
+    columns after block B eliminated, the remaining matrix is diag(extra) + Z Phi Z^T (Phi: t x t,
+    the identity at first); its block A = Z_B Phi Z_B^T + diag(extra_B) = R[B, B] R[B, B]^T, the
+    earlier rows R[E, B] = Z_E Phi Z_B^T R[B, B]^-T = Z_E G_B, and eliminating B leaves
+    Phi - G_B G_B^T (the Schur complement, which stays diagonal plus rank t: block Cholesky
+    with the trailing matrix never formed). Work: 2 t^2 n multiply-adds, against n^3 / 3 for a
+    dense Cholesky (E4B's down_proj at 2048 tokens: 137 G against 1466 G)."""
+    t, n = zt.shape
+    phi = torch.eye(t, dtype=zt.dtype, device=zt.device)
+    g = torch.empty(t, n, dtype=zt.dtype, device=zt.device)
+    starts = list(range(0, n, block))
+    r_blocks: list[torch.Tensor] = [None] * len(starts)  # type: ignore[list-item]
+    for bi in range(len(starts) - 1, -1, -1):
+        i1 = starts[bi]
+        i2 = min(i1 + block, n)
+        zb = zt[:, i1:i2]
+        p = phi @ zb  # (t, b)
+        a = zb.t() @ p
+        a = (a + a.t()).mul_(0.5)  # symmetric to the last bit (LAPACK reads one triangle)
+        a.diagonal().add_(extra[i1:i2])
+        r, info = reverse_cholesky(a.contiguous())
+        if info != 0:
+            return i1 + info - 1
+        gb = torch.linalg.solve_triangular(r.t(), p, upper=False, left=False)  # gb R^T = p
+        phi.addmm_(gb, gb.t(), alpha=-1.0)
+        g[:, i1:i2] = gb
+        r_blocks[bi] = r.contiguous()
+    return r_blocks, g
+
+
 def _fallback(name: str, weight: torch.Tensor, scheme: QuantScheme, h_diag: torch.Tensor, why: str) -> QuantizedTensor:
     """RTN instead, with the Hessian's diagonal (mean x^2) as importance where the scheme asks."""
     log.warning("%s: GPTQ falls back to RTN: %s", name, why)
@@ -222,10 +337,16 @@ def _fallback(name: str, weight: torch.Tensor, scheme: QuantScheme, h_diag: torc
     return qt
 
 
-def _quantize_columns(w: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, loss_scale: torch.Tensor,
-                      scales: torch.Tensor, zeros: torch.Tensor | None, perm: torch.Tensor | None, g_size: int,
-                      bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1's loop over the columns of ``w`` (already in processing order; updated in place).
+def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, loss_scale: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor | None, perm: torch.Tensor | None, g_size: int,
+                 bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1's loop over the columns of the weights, in processing order, a block at a time.
+
+    ``prepare(i1, i2)`` gives the block's updated weights w' (transposed: (i2 - i1, rows), with
+    every earlier block's feedback) and its factor block f[i1:i2, i1:i2]; ``finish(i1, i2, d)``
+    feeds the block's differences d (same layout) on to the later columns. The dense path keeps
+    the updated weights in ``w`` (read here too: a dynamic group's scale reads columns past the
+    block); the low-rank path (``_gptq_low_rank``, static groups only) passes ``w=None``.
 
     Each column k is quantized from the updated weights w'_k; the rounding difference d_k is fed
     on to the later columns through row k of ``f``: w'_l += f[k, l] d_k (l > k; within a block at
@@ -252,11 +373,11 @@ def _quantize_columns(w: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, loss
     loop runs once per input column (28672 times per E4B layer): a block's codes, dequantized
     values and differences are written into block buffers and converted or squared once per
     block."""
-    rows, cols = w.shape
+    rows, cols = orig.shape
     sym = zeros is None
     lo_q, hi_q = symmetric_range(bits) if sym else (0, (1 << bits) - 1)
-    codes_t = torch.empty(cols, rows, dtype=torch.int8 if sym else torch.uint8, device=w.device)
-    loss = torch.zeros(rows, dtype=torch.float64, device=w.device)
+    codes_t = torch.empty(cols, rows, dtype=torch.int8 if sym else torch.uint8, device=orig.device)
+    loss = torch.zeros(rows, dtype=torch.float64, device=orig.device)
     order = perm.tolist() if perm is not None else range(cols)
 
     def reciprocal(s: torch.Tensor) -> torch.Tensor:
@@ -267,16 +388,15 @@ def _quantize_columns(w: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, loss
         inv_all = reciprocal(s_all)
         z_all = None if sym else zeros.t().to(torch.float32)
     s = inv = zf = None
-    q_buf = torch.empty(min(block, cols), rows, dtype=torch.float32, device=w.device)
+    q_buf = torch.empty(min(block, cols), rows, dtype=torch.float32, device=orig.device)
     dq_buf = torch.empty_like(q_buf)
     d_buf = torch.empty_like(q_buf)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         n = i2 - i1
-        w1 = w[:, i1:i2].t().contiguous()  # (n, rows): updated weights
+        w1, f1 = prepare(i1, i2)  # (n, rows): updated weights
         src1 = w1 if perm is None else orig.index_select(1, perm[i1:i2]).t().contiguous()
         q1, dq1, d1 = q_buf[:n], dq_buf[:n], d_buf[:n]
-        f1 = f[i1:i2, i1:i2].contiguous()
         for i in range(n):
             j = i1 + i
             g = order[j] // g_size
@@ -306,6 +426,5 @@ def _quantize_columns(w: torch.Tensor, orig: torch.Tensor, f: torch.Tensor, loss
                 w1[i + 1:].addr_(f1[i, i + 1:], d)
         codes_t[i1:i2] = q1.to(codes_t.dtype)
         loss += (((w1 - dq1) * loss_scale[i1:i2].unsqueeze(1)).double() ** 2).sum(0) / 2
-        if i2 < cols:
-            w[:, i2:].addmm_(d1.t(), f[i1:i2, i2:])
+        finish(i1, i2, d1)
     return codes_t, loss
