@@ -80,12 +80,18 @@ def test_cli_refuses_a_cuda_device_torch_does_not_see(tiny_random, tmp_path):
 
 # -- GPU ----------------------------------------------------------------------------------------
 
-def _hessian(cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and the second moment of correlated inputs with a few dead columns."""
+def _inputs(cols: int, seed: int, tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and correlated input rows with a few dead columns."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(4096, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols ** 0.5)
+    x = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols ** 0.5)
     x[:, :3] = 0
     w = torch.randn(96, cols, generator=g) * 0.05
+    return w, x
+
+
+def _hessian(cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and the second moment of correlated inputs with a few dead columns."""
+    w, x = _inputs(cols, seed)
     return w, (x.t() @ x) / x.shape[0]
 
 
@@ -112,6 +118,26 @@ def test_gptq_on_cuda_matches_cpu(act_order):
     diff = (cuda.codes.int() - cpu.codes.int()).abs()
     # A code flipped at a rounding tie changes the error fed to the row's later columns, so
     # flips can cascade along a row; the objective GPTQ minimises must not get worse.
+    assert (diff == 0).float().mean() > 0.98 and int(diff.max()) <= 2
+    assert _gptq_objective(w, cuda, h) == pytest.approx(_gptq_objective(w, cpu, h), rel=0.01)
+    assert cuda.info["dead_columns"] == cpu.info["dead_columns"] == 3
+
+
+@gpu
+def test_low_rank_gptq_on_cuda_matches_cpu():
+    """GPTQ from input rows (fewer tokens than columns: the low-rank factor and feedback) on
+    CUDA against the CPU, with the same tolerances as the dense path above."""
+    from quantize.methods.gptq import gptq_quantize
+    from quantize.methods.stats import GramRows
+
+    w, x = _inputs(512, seed=2, tokens=96)
+    h = (x.t() @ x) / x.shape[0]
+    scheme = QuantScheme(type="int4", method="gptq", group_size=32, act_order=True)
+    cpu = gptq_quantize("w", w, GramRows(x), scheme)
+    cuda = gptq_quantize("w", w.cuda(), GramRows(x.cuda()), scheme)
+    assert "fallback" not in cpu.info and "fallback" not in cuda.info
+    assert cuda.codes.device.type == "cpu" and torch.equal(cuda.scales, cpu.scales)
+    diff = (cuda.codes.int() - cpu.codes.int()).abs()
     assert (diff == 0).float().mean() > 0.98 and int(diff.max()) <= 2
     assert _gptq_objective(w, cuda, h) == pytest.approx(_gptq_objective(w, cpu, h), rel=0.01)
     assert cuda.info["dead_columns"] == cpu.info["dead_columns"] == 3
