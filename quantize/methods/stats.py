@@ -62,11 +62,13 @@ class HessianAccumulator:
         self._tiles = [slice(a, b) for a, b in zip(edges, edges[1:])]
 
     def add(self, x: torch.Tensor) -> None:
+        given = x
         x = _flat(x, self.cols).to(device=self.device, dtype=self.dtype)
         if x.shape[0] == 0:
             return
         if self.h is None and self.n + x.shape[0] <= self.rows_up_to:
-            self._rows.append(x.clone())  # the caller's activation may be a view of a reused buffer
+            # a view of the caller's activation (no dtype or device change) is copied: it may be reused
+            self._rows.append(x.clone() if x.data_ptr() == given.data_ptr() else x)
             self._sizes.append(x.shape[0])
             self.n += x.shape[0]
             return
