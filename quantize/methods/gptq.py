@@ -169,14 +169,8 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramR
     bits, sym = scheme.bits, scheme.symmetric
 
     perm = None
-    scales = torch.zeros(rows, cols // g_size, dtype=torch.float16, device=w.device)
-    zeros = None if sym else torch.zeros(rows, cols // g_size, dtype=torch.uint8, device=w.device)
+    scales, zeros = _group_scales(w, g_size, bits, sym, static=scheme.act_order)
     if scheme.act_order:
-        # Static groups: scales from the original order, before any error feedback.
-        s0, z0 = int_scales(group_view(w, g_size), bits, sym)
-        scales.copy_(s0)
-        if zeros is not None:
-            zeros.copy_(z0)
         perm = torch.argsort(diag, descending=True, stable=True)
     h = h_in if in_place else h_in.clone()
     del h_in
@@ -209,8 +203,10 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramR
 
     block = scheme.block_size
 
-    def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return w[:, i1:i2].t().contiguous(), f[i1:i2, i1:i2].contiguous()
+    def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1 = w[:, i1:i2].t().contiguous()
+        src1 = w1 if perm is None else orig.index_select(1, perm[i1:i2]).t().contiguous()
+        return w1, f[i1:i2, i1:i2].contiguous(), src1
 
     def finish(i1: int, i2: int, d1: torch.Tensor) -> None:
         if i2 < cols:  # the lazy update of all later columns (sec. 4.2)
@@ -219,6 +215,21 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramR
     codes_t, loss = _column_loop(prepare, finish, w, orig, loss_scale, scales, zeros, perm, g_size, bits, block)
     del f
     return _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead)
+
+
+def _group_scales(w: torch.Tensor, g_size: int, bits: int, sym: bool,
+                  static: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fp16 scales (and uint8 zero points) GPTQ fills: with static groups (act-order) from the
+    original weights before any error feedback; otherwise zeros, chosen in the column loop."""
+    rows, cols = w.shape
+    scales = torch.zeros(rows, cols // g_size, dtype=torch.float16, device=w.device)
+    zeros = None if sym else torch.zeros(rows, cols // g_size, dtype=torch.uint8, device=w.device)
+    if static:
+        s0, z0 = int_scales(group_view(w, g_size), bits, sym)
+        scales.copy_(s0)
+        if zeros is not None:
+            zeros.copy_(z0)
+    return scales, zeros
 
 
 def _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead) -> QuantizedTensor:
@@ -251,16 +262,14 @@ def _gptq_low_rank(name: str, weight: torch.Tensor, orig: torch.Tensor, x: torch
     the float roundings differ."""
     rows, cols = orig.shape
     t = x.shape[0]
-    if not all(bool(torch.isfinite(x[a:a + 256]).all()) for a in range(0, t, 256)):
+    if not _all_finite(x):
         return _fallback(name, weight, scheme, (x.nan_to_num() ** 2).mean(0), "hessian has non-finite entries")
     h_diag = (x * x).sum(0) / t
     dead = h_diag == 0
     g_size = scheme.effective_group or cols
-    group_view(orig, g_size)
+    group_view(orig, g_size)  # validates divisibility with a clear message
     bits, sym = scheme.bits, scheme.symmetric
-    s0, z0 = int_scales(group_view(orig, g_size), bits, sym)  # static groups, as in the dense path
-    scales = torch.zeros(rows, cols // g_size, dtype=torch.float16, device=orig.device).copy_(s0)
-    zeros = None if sym else torch.zeros(rows, cols // g_size, dtype=torch.uint8, device=orig.device).copy_(z0)
+    scales, zeros = _group_scales(orig, g_size, bits, sym, static=True)
     perm = torch.argsort(torch.where(dead, 1.0, h_diag), descending=True, stable=True)
     # the dense path's diagonal: dead columns 1 (their z_j are 0), then the dampening
     damp = scheme.dampening * torch.where(dead, 1.0, h_diag).mean()
@@ -274,11 +283,12 @@ def _gptq_low_rank(name: str, weight: torch.Tensor, orig: torch.Tensor, x: torch
     loss_scale = torch.cat([r.diagonal() for r in r_blocks])
     s_acc = torch.zeros(rows, t, dtype=torch.float32, device=orig.device)
 
-    def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r = r_blocks[i1 // block]
         rd = r.diagonal()
-        w1 = orig.index_select(1, perm[i1:i2]).addmm_(s_acc, g[:, i1:i2] / rd).t().contiguous()
-        return w1, r / rd
+        src = orig.index_select(1, perm[i1:i2])
+        w1 = torch.addmm(src, s_acc, g[:, i1:i2] / rd).t().contiguous()
+        return w1, r / rd, src.t().contiguous()
 
     def finish(i1: int, i2: int, d1: torch.Tensor) -> None:
         if i2 < cols:
@@ -343,7 +353,9 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     """Algorithm 1's loop over the columns of the weights, in processing order, a block at a time.
 
     ``prepare(i1, i2)`` gives the block's updated weights w' (transposed: (i2 - i1, rows), with
-    every earlier block's feedback) and its factor block f[i1:i2, i1:i2]; ``finish(i1, i2, d)``
+    every earlier block's feedback), its factor block f[i1:i2, i1:i2] and the block's original
+    weights (same layout; the updated ones for dynamic groups, whose differences are taken from
+    them); ``finish(i1, i2, d)``
     feeds the block's differences d (same layout) on to the later columns. The dense path keeps
     the updated weights in ``w`` (read here too: a dynamic group's scale reads columns past the
     block); the low-rank path (``_gptq_low_rank``, static groups only) passes ``w=None``.
@@ -394,8 +406,7 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         n = i2 - i1
-        w1, f1 = prepare(i1, i2)  # (n, rows): updated weights
-        src1 = w1 if perm is None else orig.index_select(1, perm[i1:i2]).t().contiguous()
+        w1, f1, src1 = prepare(i1, i2)  # (n, rows): updated and original weights
         q1, dq1, d1 = q_buf[:n], dq_buf[:n], d_buf[:n]
         for i in range(n):
             j = i1 + i
