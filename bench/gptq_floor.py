@@ -157,13 +157,14 @@ def floor_row(samples: int, length: int, rates: dict, factors: dict, recorded: d
         # _gptq_low_rank): no Hessian product and no n-wide Cholesky, but a block factor of
         # dampening + rank t (2 t^2 n multiply-adds) and rank-t feedback (2 rows t n), all GEMMs.
         rows, n = LINEARS["down_proj"][:2]
-        dense = tokens * n * n / rates["hessian"]["best"] + factors[FFN]["seconds"] + rows * n * n / rates["update"]["best"]
-        low_rank = (4 * tokens * tokens * n + 4 * rows * tokens * n) / rates["update"]["best"]
-        row["low_rank_floor_s"] = round(row["floor_s"] - LAYERS * (dense - low_rank), 1)
-        dense32 = (tokens * n * n / rates["hessian"]["fp32"] + factors[FFN]["seconds"]
-                   + rows * n * n / rates["update"]["fp32"])
-        low32 = (4 * tokens * tokens * n + 4 * rows * tokens * n) / rates["update"]["fp32"]
-        row["low_rank_fp32_floor_s"] = round(row["fp32_floor_s"] - LAYERS * (dense32 - low32), 1)
+
+        def saved(rate: str) -> float:
+            """Seconds per layer the low-rank path saves at the GEMM rates ``rate`` ("best", "fp32")."""
+            dense = tokens * n * n / rates["hessian"][rate] + factors[FFN]["seconds"] + rows * n * n / rates["update"][rate]
+            return dense - (4 * tokens * tokens * n + 4 * rows * tokens * n) / rates["update"][rate]
+
+        row["low_rank_floor_s"] = round(row["floor_s"] - LAYERS * saved("best"), 1)
+        row["low_rank_fp32_floor_s"] = round(row["fp32_floor_s"] - LAYERS * saved("fp32"), 1)
     row["engine_floor_s"] = row.get("low_rank_floor_s", row["floor_s"])  # the path the engine takes
     row["engine_fp32_floor_s"] = row.get("low_rank_fp32_floor_s", row["fp32_floor_s"])
     if recorded is not None:
