@@ -573,12 +573,12 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
     load, mean_kl = held_out_kl(tiny_trained, stored=torch.float32)
     calib = text_batches(tiny_trained, n=2, tokens=32)
     real = seq.gptq_quantize
-    got: dict[str, dict] = {"rows": {}, "dense": {}}
+    got: dict[str, dict] = {"rows": {}, "dense": {}}  # run -> name -> (given rows?, the H they define)
     kl = {}
     for key, divisor in (("rows", seq.LOW_RANK_DIVISOR), ("dense", 10**9)):
         def spy(name, weight, hessian, scheme, key=key, **kw):
-            got[key][name] = hessian.dense() if isinstance(hessian, GramRows) else hessian.clone()
-            got[key][name + ":rows"] = isinstance(hessian, GramRows)
+            rows = isinstance(hessian, GramRows)
+            got[key][name] = (rows, hessian.dense() if rows else hessian.clone())
             return real(name, weight, hessian, scheme, **kw)
 
         monkeypatch.setattr(seq, "gptq_quantize", spy)
@@ -590,14 +590,14 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
         res = quantize_text_decoder(model, schemes, calib, progress=False)
         assert not any("fallback" in qt.info for qt in res.tensors.values())
         kl[key] = mean_kl(res.tensors)
-    names = [n for n in got["rows"] if not n.endswith(":rows")]
-    assert names and all(got["rows"][n + ":rows"] for n in names)
-    assert not any(got["dense"][n + ":rows"] for n in names)
+    names = list(got["rows"])
+    assert names and all(got["rows"][n][0] for n in names)
+    assert not any(got["dense"][n][0] for n in names)
     # layer 0's q/k/v inputs are the same in both runs; later stages see other codes (float
     # rounding flips a few: test_methods bounds how many)
     for n in (n for n in names if ".layers.0.self_attn." in n and "o_proj" not in n):
-        d = got["dense"][n]
-        torch.testing.assert_close(got["rows"][n], d, rtol=1e-4, atol=1e-6 * float(d.abs().max()))
+        d = got["dense"][n][1]
+        torch.testing.assert_close(got["rows"][n][1], d, rtol=1e-4, atol=1e-6 * float(d.abs().max()))
     # one flipped rounding changes every later column's feedback: the two runs' KL differ by
     # float32's noise (8.6% here, the rows run the lower), not by the path
     schemes = {n: PRESET_SCHEMES["int4"] for n in names}
