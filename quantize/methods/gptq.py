@@ -174,7 +174,6 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramR
         perm = torch.argsort(diag, descending=True, stable=True)
     h = h_in if in_place else h_in.clone()
     del h_in
-    w = orig[:, perm] if perm is not None else orig.clone()  # the working copy the column loop updates
     if perm is not None:
         _permute_symmetric_(h, perm)
         diag = diag[perm]
@@ -202,15 +201,18 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramR
         loss_scale = 1.0 / f_diag
 
     block = scheme.block_size
+    # The weights transposed, (cols, rows) in processing order: a block of columns is a contiguous
+    # slice, updated in place, with no gather or transposed copy per block. Act-order keeps the
+    # originals beside the working copy (static groups read them); without it the two are one.
+    src = _transposed(orig, perm)
+    w = src.clone() if perm is not None else src
 
     def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        w1 = w[:, i1:i2].t().contiguous()
-        src1 = w1 if perm is None else orig.index_select(1, perm[i1:i2]).t().contiguous()
-        return w1, f[i1:i2, i1:i2].contiguous(), src1
+        return w[i1:i2], f[i1:i2, i1:i2].contiguous(), src[i1:i2]
 
     def finish(i1: int, i2: int, d1: torch.Tensor) -> None:
         if i2 < cols:  # the lazy update of all later columns (sec. 4.2)
-            w[:, i2:].addmm_(d1.t(), f[i1:i2, i2:])
+            w[i2:].addmm_(f[i1:i2, i2:].t(), d1)
 
     codes_t, loss = _column_loop(prepare, finish, w, orig, loss_scale, scales, zeros, perm, g_size, bits, block)
     del f
@@ -230,6 +232,14 @@ def _group_scales(w: torch.Tensor, g_size: int, bits: int, sym: bool,
         if zeros is not None:
             zeros.copy_(z0)
     return scales, zeros
+
+
+def _transposed(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """A new (cols, rows) copy of ``w`` with its columns in processing order (``perm``, or as they
+    are): one transpose, then a gather of contiguous rows (a column gather of the row-major
+    weights is strided, and was 13% of a gate_proj's GPTQ when done per block)."""
+    wt = w.t().contiguous()
+    return wt if perm is None else wt.index_select(0, perm)
 
 
 def _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead) -> QuantizedTensor:
@@ -281,18 +291,18 @@ def _gptq_low_rank(name: str, weight: torch.Tensor, orig: torch.Tensor, x: torch
         return _fallback(name, weight, scheme, h_diag, f"hessian not positive definite (cholesky failed at column {fac + 1}) after dampening {scheme.dampening}")
     r_blocks, g = fac
     loss_scale = torch.cat([r.diagonal() for r in r_blocks])
-    s_acc = torch.zeros(rows, t, dtype=torch.float32, device=orig.device)
+    src = _transposed(orig, perm)  # (cols, rows), processing order: a block is a contiguous slice
+    s_acc = torch.zeros(t, rows, dtype=torch.float32, device=orig.device)  # S^T
 
     def prepare(i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r = r_blocks[i1 // block]
         rd = r.diagonal()
-        src = orig.index_select(1, perm[i1:i2])
-        w1 = torch.addmm(src, s_acc, g[:, i1:i2] / rd).t().contiguous()
-        return w1, r / rd, src.t().contiguous()
+        w1 = torch.addmm(src[i1:i2], (g[:, i1:i2] / rd).t(), s_acc)
+        return w1, r / rd, src[i1:i2]
 
     def finish(i1: int, i2: int, d1: torch.Tensor) -> None:
         if i2 < cols:
-            s_acc.addmm_(d1.t(), zt[:, i1:i2].t())
+            s_acc.addmm_(zt[:, i1:i2], d1)
 
     codes_t, loss = _column_loop(prepare, finish, None, orig, loss_scale, scales, zeros, perm, g_size, bits, block)
     return _result(name, weight, scheme, codes_t, loss, scales, zeros, perm, dead)
@@ -355,10 +365,11 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     ``prepare(i1, i2)`` gives the block's updated weights w' (transposed: (i2 - i1, rows), with
     every earlier block's feedback), its factor block f[i1:i2, i1:i2] and the block's original
     weights (same layout; the updated ones for dynamic groups, whose differences are taken from
-    them); ``finish(i1, i2, d)``
-    feeds the block's differences d (same layout) on to the later columns. The dense path keeps
-    the updated weights in ``w`` (read here too: a dynamic group's scale reads columns past the
-    block); the low-rank path (``_gptq_low_rank``, static groups only) passes ``w=None``.
+    them); ``finish(i1, i2, d)`` feeds the block's differences d (same layout) on to the later
+    columns. The dense path keeps the updated weights transposed in ``w`` (cols, rows) and its
+    blocks are views of it, updated in place (read here too: a dynamic group's scale reads
+    columns past the block); the low-rank path (``_gptq_low_rank``, static groups only) passes
+    ``w=None``.
 
     Each column k is quantized from the updated weights w'_k; the rounding difference d_k is fed
     on to the later columns through row k of ``f``: w'_l += f[k, l] d_k (l > k; within a block at
@@ -378,7 +389,7 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     e_k^2 / 2 = ((w'_k - q_k) * loss_scale_k)^2 / 2. Static ``scales`` / ``zeros`` are read,
     dynamic ones are filled in at each group start.
 
-    Speed: each block is worked on as a transposed copy, so a column is a contiguous row and the
+    Speed: each block is worked on transposed, so a column is a contiguous row and the
     per-column updates stream through memory; a group's scale reads only its own ``g_size``
     columns; a group's reciprocal scales are computed once, not per column. The column step is
     6 tensor operations with symmetric codes, because on a GPU each is a kernel launch and the
@@ -414,10 +425,9 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
             if perm is not None:
                 s, inv, zf = s_all[g], inv_all[g], None if sym else z_all[g]
             elif j % g_size == 0:
-                # Dynamic group scale from the freshest weights: in-block columns are updated in
-                # w1, the rest of the group (if it runs past the block) still lives in w.
-                rest = g_size - (n - i)
-                cur = w1[i:i + g_size].t() if rest <= 0 else torch.cat([w1[i:].t(), w[:, i2:i2 + rest]], dim=1)
+                # Dynamic group scale from the freshest weights: the block is a view of w, so the
+                # group's columns are rows j.. of w whether or not it runs past the block.
+                cur = w[j:j + g_size].t()
                 sg, zg = int_scales(cur.unsqueeze(1), bits, sym)
                 scales[:, g] = sg[:, 0]
                 s = sg[:, 0].to(torch.float32)
@@ -436,6 +446,7 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
             if i + 1 < n:
                 w1[i + 1:].addr_(f1[i, i + 1:], d)
         codes_t[i1:i2] = q1.to(codes_t.dtype)
-        loss += (((w1 - dq1) * loss_scale[i1:i2].unsqueeze(1)).double() ** 2).sum(0) / 2
+        # a block's sum in float32 (128 terms per row), the running total in float64
+        loss += ((w1 - dq1) * loss_scale[i1:i2].unsqueeze(1)).square_().sum(0).double() / 2
         finish(i1, i2, d1)
     return codes_t, loss
