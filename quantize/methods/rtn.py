@@ -68,13 +68,18 @@ def symmetric_range(bits: int) -> tuple[int, int]:
 
 def int_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Integer codes for grouped weights under given scales (and zero points)."""
+    return float_codes(groups, scale, zero, bits).to(torch.int8 if zero is None else torch.uint8)
+
+
+def float_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``int_codes`` as float32 values (what the search works on: no int round trip)."""
     s = scale.to(torch.float32).unsqueeze(-1)
     inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
     if zero is None:
         lo, hi = symmetric_range(bits)
-        return torch.round(groups * inv).clamp(lo, hi).to(torch.int8)
+        return torch.round(groups * inv).clamp_(lo, hi)
     qmax = (1 << bits) - 1
-    return torch.round(groups * inv + zero.to(torch.float32).unsqueeze(-1)).clamp(0, qmax).to(torch.uint8)
+    return torch.round(groups * inv + zero.to(torch.float32).unsqueeze(-1)).clamp_(0, qmax)
 
 
 def quantize_int(name: str, weight: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
@@ -118,35 +123,38 @@ class ImportanceError(QuantizeError):
     """An importance vector does not fit the tensor it should weight."""
 
 
-def dequant_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """fp32 values of grouped codes, exactly as ``QuantizedTensor.dequantize`` computes them."""
-    q = codes.to(torch.float32)
-    if zero is not None:
-        q = q - zero.to(torch.float32).unsqueeze(-1)
-    return q * scale.to(torch.float32).unsqueeze(-1)
+def _centred(q: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """Float codes minus their zero points (in place): what a scale multiplies."""
+    return q if zero is None else q.sub_(zero.to(torch.float32).unsqueeze(-1))
 
 
-def _weighted_err(groups, codes, scale, zero, wts):
-    d = groups - dequant_groups(codes, scale, zero)
+def _weighted_err(groups, qc, scale, wts):
+    """sum w (x - s q)^2 per group, for centred float codes ``qc``: the dequantized values as
+    ``QuantizedTensor.dequantize`` computes them, so the comparison is with what the file holds."""
+    d = groups - qc * scale.to(torch.float32).unsqueeze(-1)
     return (wts * d * d).sum(-1)
 
 
-def _lsq_scale(groups, codes, zero, wts):
-    """Weighted least-squares scale for fixed codes: argmin_s sum w (x - s (q - z))^2."""
-    q = codes.to(torch.float32)
-    if zero is not None:
-        q = q - zero.to(torch.float32).unsqueeze(-1)
-    num = (wts * groups * q).sum(-1)
-    den = (wts * q * q).sum(-1)
+def _lsq_scale(wx, qc, wts):
+    """Weighted least-squares scale for fixed centred codes: argmin_s sum w (x - s q)^2 =
+    sum w x q / sum w q^2 (``wx`` = w x, computed once per search)."""
+    num = (wx * qc).sum(-1)
+    den = (wts * qc * qc).sum(-1)
     return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).to(torch.float16)
 
 
 def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symmetric: bool):
-    """Best (scale, zero) per group under importance weights; plain RTN is candidate 0."""
+    """Best (scale, zero) per group under importance weights; plain RTN is candidate 0.
+
+    Works on float codes and keeps only the best scales (and zero points): the codes are a
+    function of them (``int_codes``), computed once at the end. About 21 full-size tensor
+    operations per multiplier instead of 29 with int codes kept per candidate: 1.6x faster
+    (a 2048 x 2048 int8 g32 matrix on 2 threads 0.35 -> 0.22 s; E4B's 262144-row token
+    embedding about 46 -> 29 s), with the same candidates and float operations as before, so
+    the same choices bit for bit."""
     base_scale, base_zero = int_scales(groups, bits, symmetric)
-    best_codes = int_codes(groups, base_scale, base_zero, bits)
     best_scale, best_zero = base_scale, base_zero
-    best_err = _weighted_err(groups, best_codes, best_scale, best_zero, wts)
+    best_err = _weighted_err(groups, _centred(float_codes(groups, base_scale, base_zero, bits), base_zero), base_scale, wts)
     if symmetric:
         nmax = 8.0 if bits == 4 else 127.0  # the divisor of the plain scale (see int_scales)
     else:
@@ -154,19 +162,19 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
     mults = [nmax / (nmax + 0.1 * i) for i in IMPORTANCE_STEPS if i] + list(EXTRA_CLIPS)
     qmax = (1 << bits) - 1
     lo = groups.amin(dim=-1).clamp(max=0.0)
+    wx = wts * groups
 
     def consider(scale, zero):
-        nonlocal best_codes, best_scale, best_zero, best_err
-        codes = int_codes(groups, scale, zero, bits)
-        err = _weighted_err(groups, codes, scale, zero, wts)
+        nonlocal best_scale, best_zero, best_err
+        qc = _centred(float_codes(groups, scale, zero, bits), zero)
+        err = _weighted_err(groups, qc, scale, wts)
         better = err < best_err
         if better.any():
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
-            best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
             if zero is not None:
                 best_zero = torch.where(better, zero, best_zero)
-        return codes
+        return qc
 
     for m in mults:
         scale = (base_scale.to(torch.float32) * m).to(torch.float16)
@@ -174,15 +182,16 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
         if not symmetric:
             safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(torch.float32)
             zero = torch.round(-lo * m / safe).clamp(0, qmax).to(torch.uint8)
-        codes = consider(scale, zero)
+        qc = consider(scale, zero)
         # Refit the scale to these codes (weighted least squares), then re-round the codes.
-        refit = _lsq_scale(groups, codes, zero, wts)
+        refit = _lsq_scale(wx, qc, wts)
+        del qc
         if symmetric:
             refit = torch.where(refit.to(torch.float32) * base_scale.to(torch.float32) > 0, refit, scale)
         else:
             refit = torch.where(refit > 0, refit, scale)
         consider(refit, zero)
-    return best_codes, best_scale, best_zero
+    return int_codes(groups, best_scale, best_zero, bits), best_scale, best_zero
 
 
 def quantize_int_importance(name: str, weight: torch.Tensor, scheme: QuantScheme, importance: torch.Tensor) -> QuantizedTensor:
