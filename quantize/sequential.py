@@ -62,7 +62,10 @@ STAGES = (
     ("mlp_out", ("mlp.down_proj",)),
 )
 LINEARS = tuple(m for _, ms in STAGES for m in ms)
-REFERENCE_TOKENS = 4096  # calibration tokens whose float layer outputs score the report's rel_error
+# Calibration tokens whose float layer outputs score the report's rel_error: the float pass runs
+# the whole layer (MLP included) for these batches only, so every 1024 tokens cost about a sixth
+# of an E4B layer's MLP multiply-adds at 4 x 512 (2 of the 4 batches; 4096 took all of them).
+REFERENCE_TOKENS = 1024
 # Activations a layer may keep to skip recomputing its MLP (see _MlpReuse): E4B's down_proj
 # inputs at 32 x 512 tokens are 1 GiB in fp32; the rest of the budget covers multimodal tokens.
 MLP_REUSE_BYTES = 5 * 2**28
@@ -499,7 +502,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
     hidden, contexts = capture_layer_inputs(model, batches, device, compute_dtype, streamed=streamed, progress=progress)
     # The report's relative output error is measured on the first batches up to REFERENCE_TOKENS
     # tokens (at least one batch): their float outputs wait for the final pass, so this bounds
-    # that copy whatever the calibration size (all of E4B's 4 x 512; 8 of its 32 x 512 batches).
+    # that copy whatever the calibration size (2 of E4B's 4 x 512 or 32 x 512 batches).
     n_ref, seen = 0, 0
     while n_ref < len(hidden) and (n_ref == 0 or seen + _tokens(hidden[n_ref]) <= REFERENCE_TOKENS):
         seen += _tokens(hidden[n_ref])
@@ -560,7 +563,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
         first_stats = None
         stage0 = [p for p in STAGES[0][1] if p in wanted]
         if stage0:
-            # batches past the reference end at q_proj's input (all of them at 4 x 512: none)
+            # batches past the reference end at q_proj's input (2 of 4 at 4 x 512)
             first_stats = _collect(layer, lambda: run_all(reference), [STAGES[0][1][0]], _needs_hessian(wanted, stage0),
                                    stop=output_unused, low_rank=_low_rank(wanted, stage0))
         elif wanted:
