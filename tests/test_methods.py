@@ -136,6 +136,65 @@ def test_importance_rtn_never_worse_in_weighted_error(kw):
     assert torch.equal(quantize_rtn("w", w, QuantScheme(**kw, importance=True)).codes, plain.codes)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(type="int8", group_size=32), dict(type="int4", group_size=32), dict(type="int4", group_size=32, symmetric=False),
+])
+def test_importance_search_picks_the_best_of_its_candidates(kw):
+    """The search's candidate set written out group by group (llama.cpp's make_qx_quants: the
+    RTN scale, the scale times each multiplier, and each of those refitted by weighted least
+    squares to its own codes), every candidate's weighted error in float64: the scale the
+    search keeps must reach the smallest of them, and its codes must be the RTN codes under
+    that scale (the search keeps scales only and derives the codes at the end)."""
+    from quantize.methods.rtn import EXTRA_CLIPS, IMPORTANCE_STEPS
+
+    scheme = QuantScheme(**kw, importance=True)
+    bits, sym = scheme.bits, scheme.symmetric
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 96, generator=g) * 0.05
+    w[:, ::11] *= 6  # outliers that clipping trades against
+    imp = torch.rand(96, generator=g) ** 4 * 10
+    qt = quantize_rtn("w", w, scheme, importance=imp)
+    wts = (imp + 1e-3 * imp.mean()).double()  # the floor quantize_int_importance adds
+    nmax = (8.0 if bits == 4 else 127.0) if sym else float((1 << bits) - 1)
+    qmax = (1 << bits) - 1
+    lo_q, hi_q = ((-8, 7) if bits == 4 else (-127, 127)) if sym else (0, qmax)
+
+    def codes(x, s, z):  # the format's rounding, in float32 as the encoders do it
+        inv = torch.tensor(0.0) if s == 0 else 1.0 / torch.tensor(s, dtype=torch.float32)
+        return torch.round(x * inv + z).clamp(lo_q, hi_q)
+
+    def err(x, wg, s, z):
+        q = codes(x, s, z).double() - z
+        return float((wg * (x.double() - q * s) ** 2).sum()), q
+
+    for r in range(w.shape[0]):
+        for gi in range(w.shape[1] // 32):
+            x, wg = w[r, gi * 32:(gi + 1) * 32], wts[gi * 32:(gi + 1) * 32]
+            if sym:
+                m = float(x[x.abs().argmax()])  # the signed max: Q4_0's d = m / -8; Q8_0's amax / 127
+                base = float(torch.tensor(m / -8.0 if bits == 4 else abs(m) / 127.0).half())
+                lo = 0.0
+            else:
+                lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+                base = float(torch.tensor((hi - lo) / qmax).half())
+            cands = [(base, 0.0 if sym else float(round(-lo / base) if base else 0.0))]
+            for mult in [nmax / (nmax + 0.1 * i) for i in IMPORTANCE_STEPS if i] + list(EXTRA_CLIPS):
+                s = float(torch.tensor(base * mult, dtype=torch.float32).half())
+                z = 0.0 if sym else float(min(max(round(-lo * mult / s), 0), qmax)) if s else 0.0
+                cands.append((s, z))
+                _, q = err(x, wg, s, z)
+                den = float((wg * q * q).sum())
+                refit = float(torch.tensor(float((wg * x.double() * q).sum()) / den if den > 0 else 0.0).half())
+                if (sym and refit * base > 0) or (not sym and refit > 0):
+                    cands.append((refit, z))
+            best = min(err(x, wg, s, z)[0] for s, z in cands)
+            s_got = float(qt.scales[r, gi])
+            z_got = 0.0 if sym else float(qt.zero_points[r, gi])
+            got, _ = err(x, wg, s_got, z_got)
+            assert got <= best * (1 + 1e-5) + 1e-18, (r, gi, got, best)
+            assert torch.equal(qt.codes[r, gi * 32:(gi + 1) * 32].float(), codes(x, s_got, z_got)), (r, gi)
+
+
 @pytest.mark.parametrize("preset", ["int8", "int4"])
 def test_importance_without_statistics_minimises_plain_squared_error(preset):
     """Embedding tables have no activation statistics: a scheme asking for importance gets the
