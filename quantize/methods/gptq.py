@@ -139,7 +139,8 @@ def gptq_quantize(name: str, weight: torch.Tensor, hessian: torch.Tensor | GramR
     works in its memory (permuted in place for act-order, then factored in place): no n x n copy.
     Measured at E4B's down_proj with act-order, 1.00 GiB beyond the inputs instead of 1.44
     (bench/results/gptq_speed.md; not the whole 1 GiB the copy takes, and the rest of the
-    difference was not profiled). Codes are the same either way."""
+    difference was not profiled; measured before the column loop worked on a transposed copy of
+    the weights, which adds one weight matrix, 128 MiB there). Codes are the same either way."""
     if scheme.type not in ("int4", "int8"):
         raise QuantizeError(f"{name}: GPTQ quantizes int4/int8 only, not {scheme.type!r}")
     orig = as_rows(weight)  # read only: the column loop's originals (no copy when already fp32)
