@@ -63,8 +63,8 @@ STAGES = (
 )
 LINEARS = tuple(m for _, ms in STAGES for m in ms)
 # Calibration tokens whose float layer outputs score the report's rel_error: the float pass runs
-# the whole layer (MLP included) for these batches only, so every 1024 tokens cost about a sixth
-# of an E4B layer's MLP multiply-adds at 4 x 512 (2 of the 4 batches; 4096 took all of them).
+# the whole layer (MLP included) for these batches only. At 4 x 512 that is 2 of the 4 batches,
+# a third of a layer's MLP multiply-adds (4096 took all 4 batches: half of them).
 REFERENCE_TOKENS = 1024
 # Activations a layer may keep to skip recomputing its MLP (see _MlpReuse): E4B's down_proj
 # inputs at 32 x 512 tokens are 1 GiB in fp32; the rest of the budget covers multimodal tokens.

@@ -15,6 +15,8 @@ worse; codes stay in the same grid and scales stay fp16, so a Q4_0 / Q8_0 block 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from quantize.errors import QuantizeError
@@ -154,7 +156,7 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
     the same choices bit for bit."""
     base_scale, base_zero = int_scales(groups, bits, symmetric)
     best_scale, best_zero = base_scale, base_zero
-    best_err = _weighted_err(groups, _centred(float_codes(groups, base_scale, base_zero, bits), base_zero), base_scale, wts)
+    best_err = torch.full(groups.shape[:-1], math.inf, dtype=torch.float32, device=groups.device)
     if symmetric:
         nmax = 8.0 if bits == 4 else 127.0  # the divisor of the plain scale (see int_scales)
     else:
@@ -176,6 +178,7 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
                 best_zero = torch.where(better, zero, best_zero)
         return qc
 
+    consider(base_scale, base_zero)  # plain RTN first: every later candidate must beat it
     for m in mults:
         scale = (base_scale.to(torch.float32) * m).to(torch.float16)
         zero = None
