@@ -42,7 +42,7 @@ import torch
 
 from quantize.errors import QuantizeError
 from quantize.kv_cache import KVRange
-from quantize.memory import release_free_memory
+from quantize.memory import release_free_memory, reuse_freed_memory
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
 from quantize.methods.gptq import gptq_quantize
 from quantize.methods.rtn import quantize_rtn
@@ -484,7 +484,10 @@ def quantize_text_decoder(
     except RecipeError as e:
         raise SequentialError(str(e)) from None
     by_layer = validate_schemes(model, schemes)
-    with exact_cuda_math(device):
+    # Each layer frees and allocates the same large blocks (weights copies, Hessians, GPTQ's
+    # workspace, activations): from the heap they are reused instead of faulting in fresh pages
+    # (quantize.memory); every free page goes back when the loop ends.
+    with exact_cuda_math(device), reuse_freed_memory():
         return _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute_dtype, streamed, spill)
 
 
