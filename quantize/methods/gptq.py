@@ -408,9 +408,11 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
         return torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
 
     if perm is not None:  # static groups: every group's scale is known before the loop
-        s_all = scales.t().to(torch.float32)  # (groups, rows): a group is a contiguous row
+        # (groups, rows), a group a contiguous row: ``.t().to(float32)`` alone keeps the transposed
+        # strides, and reading a group's scales 64 floats apart cost 10x the column's arithmetic
+        s_all = scales.t().to(torch.float32).contiguous()
         inv_all = reciprocal(s_all)
-        z_all = None if sym else zeros.t().to(torch.float32)
+        z_all = None if sym else zeros.t().to(torch.float32).contiguous()
     s = inv = zf = None
     q_buf = torch.empty(min(block, cols), rows, dtype=torch.float32, device=orig.device)
     dq_buf = torch.empty_like(q_buf)
