@@ -29,15 +29,28 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def model_hash(ckpt) -> str:
-    """sha256 over config.json and the safetensors shards (names and contents, sorted)."""
+def sha256_files(paths, desc: str | None = None) -> list[str]:
+    """``sha256_file`` of each path, in order, several files at once on the process's threads
+    (``torch.get_num_threads()``; hashlib and file reads release the GIL): E4B's 7 cached shards
+    8.7 -> 5.8 s on 2 cores. The sums do not depend on the thread count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
     from tqdm import tqdm
 
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), torch.get_num_threads()))) as pool:
+        return list(tqdm(pool.map(sha256_file, paths), total=len(paths), desc=desc, unit="file",
+                         disable=desc is None or len(paths) < 3))
+
+
+def model_hash(ckpt) -> str:
+    """sha256 over config.json and the safetensors shards (names and contents, sorted)."""
     h = hashlib.sha256()
     files = [ckpt.folder / "config.json", *ckpt.files]
-    for f in tqdm(files, desc="hashing model", unit="file", disable=len(files) < 3):
+    for f, digest in zip(files, sha256_files(files, desc="hashing model")):
         h.update(f.name.encode())
-        h.update(bytes.fromhex(sha256_file(f)))
+        h.update(bytes.fromhex(digest))
     return h.hexdigest()
 
 
@@ -118,10 +131,9 @@ def build_manifest(*, recipe, ckpt, plan, model_digest, out_dir: Path, artifacts
         tower: {k: (sorted(v) if isinstance(v, set) else v) for k, v in t.items()}
         for tower, t in plan.tower_totals().items()
     }
-    files = []
-    for p in sorted(set(artifacts)):
-        p = Path(p)
-        files.append({"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    paths = [Path(p) for p in sorted(set(artifacts))]
+    files = [{"path": str(p.relative_to(out_dir)), "bytes": p.stat().st_size, "sha256": digest}
+             for p, digest in zip(paths, sha256_files(paths))]
     return {
         "manifest_version": MANIFEST_VERSION,
         "recipe": recipe_record(recipe),

@@ -3,6 +3,7 @@
 safetensors), the manifest's sums against the files, and byte-identical reruns."""
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,9 +37,16 @@ def _sha(p):
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_manifest_lists_every_artifact_with_true_sums(demo_run):
+def test_manifest_lists_every_artifact_with_true_sums(demo_run, tiny_trained):
     out = demo_run.out_dir
     manifest = json.loads((out / "manifest.json").read_text())
+    # the model's sum as manifest.model_hash defines it: config.json then the shards, name and sha256
+    folder = Path(tiny_trained)
+    h = hashlib.sha256()
+    for p in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    assert manifest["model"]["sha256"] == h.hexdigest()
     files = {f["path"]: f for f in manifest["artifacts"]}
     assert any(p.endswith(".gguf") for p in files) and any(p.endswith(".safetensors") for p in files)
     for rel, f in files.items():
