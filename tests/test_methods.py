@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
-from quantize.methods.gptq import gptq_quantize, reverse_cholesky
+from quantize.methods.gptq import _all_finite, gptq_quantize, reverse_cholesky
 from quantize.methods.rtn import quantize_rtn
 from quantize.methods.stats import ActStats, GramRows, HessianAccumulator
 from quantize.schemes import QuantScheme, resolve_scheme
@@ -344,6 +344,24 @@ def test_gptq_non_pd_hessian_falls_back_to_rtn():
     assert torch.equal(q.codes, quantize_rtn("w", w, QuantScheme(type="int4")).codes)
     x[2, 5] = float("inf")
     assert "non-finite" in gptq_quantize("w", w, GramRows(x), ordered).info["fallback"]
+
+
+@pytest.mark.parametrize("case", ["finite", "nan", "inf", "both infs", "sum overflows"])
+def test_finiteness_check_agrees_with_isfinite(case):
+    """GPTQ's finiteness check (a sum first, element by element only when the sum is not
+    finite) against torch.isfinite(t).all(), including a NaN the infs' sum would be and finite
+    values whose fp32 sum overflows."""
+    t = torch.randn(3000, 40, generator=torch.Generator().manual_seed(3))
+    if case == "nan":
+        t[2999, 7] = float("nan")
+    elif case == "inf":
+        t[1500, 0] = float("inf")
+    elif case == "both infs":
+        t[5, 5], t[2500, 6] = float("inf"), float("-inf")
+    elif case == "sum overflows":
+        t[:10] = 3e38
+    assert _all_finite(t) == bool(torch.isfinite(t).all())
+    assert _all_finite(t) == (case in ("finite", "sum overflows"))
 
 
 @pytest.mark.parametrize("given", ["hessian", "rows"])

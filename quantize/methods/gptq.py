@@ -98,8 +98,14 @@ def _reverse_both_axes_(t: torch.Tensor, chunk: int = 1 << 22) -> None:
 
 
 def _all_finite(t: torch.Tensor, rows: int = 1024) -> bool:
-    """``torch.isfinite(t).all()`` a block of rows at a time: on a whole float matrix it makes a
-    full-size float temporary (|t|) besides the bool one, +1.75 GiB on E4B's down_proj Hessian."""
+    """``torch.isfinite(t).all()``. First from the sum: an inf or NaN anywhere makes it inf or
+    NaN (a sum has no operation that turns them finite again), so a finite sum settles it in one
+    fast reduction (3 ms instead of 83 for a 2048 x 16384 matrix). A sum that is not finite may
+    also be an overflow of finite values: then element by element, a block of rows at a time (on
+    a whole float matrix ``isfinite`` makes a full-size float temporary (|t|) besides the bool
+    one, +1.75 GiB on E4B's down_proj Hessian)."""
+    if bool(torch.isfinite(t.sum())):
+        return True
     return all(bool(torch.isfinite(t[a:a + rows]).all()) for a in range(0, t.shape[0], rows))
 
 
