@@ -36,13 +36,11 @@ def test_freed_blocks_pinned_in_the_heap_leave_after_release():
     del small
 
 
-
-
 # Run in a fresh interpreter: glibc's behaviour for a large block depends on the process's history
 # (a heap grown earlier, here by the calibration engine in other tests, keeps free address space
 # that serves large blocks before any new mmap), and this test asserts on the default first.
 _REUSE_SCRIPT = r"""
-import resource, re, sys
+import resource, re
 from pathlib import Path
 import torch
 from quantize.memory import release_free_memory, reuse_freed_memory
