@@ -3,7 +3,7 @@
     python bench/e4b_calibrated.py                       # 4 x 512 calibration tokens, 35 layers
     python bench/e4b_calibrated.py --calib 4x512 32x512  # both token counts of issue 13
     python bench/e4b_calibrated.py --size e4b-2          # E4B widths, 2 layers (a quick check)
-    python bench/e4b_calibrated.py --calib 32x512 --compute-dtype bfloat16   # the recipe with compute_dtype: bfloat16
+    python bench/e4b_calibrated.py --calib 32x512 --compute-dtype float32    # the recipe with compute_dtype pinned
 
 One checkpoint of E4B's real text shapes (bench/synthetic_e4b.py, random bf16; the one
 bench/conversion_cost.py keeps with ``--keep-checkpoint`` is reused), then per calibration size,
@@ -46,8 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--size", default="e4b", help="e4b (35 layers) or e4b-N (E4B widths, N layers)")
     p.add_argument("--calib", nargs="+", default=["4x512"], help="calibration sizes, samples x tokens")
     p.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp (both sides)")
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="our recipe's compute_dtype (the calibration forward; bfloat16 needs the bf16 checkpoint it is)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "auto"], default=None,
+                   help="our recipe's compute_dtype (the calibration forward); default: the recipe's own (auto: "
+                        "bfloat16 on a CPU with AVX512-BF16 or AMX, the bf16 checkpoint it is, else float32)")
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"),
                    help="where the synthetic checkpoint lives (shared with bench/conversion_cost.py)")
     p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
@@ -63,13 +64,14 @@ def parse_calib(s: str) -> tuple[int, int]:
     return n, length
 
 
-def our_recipe(model: Path, out: Path, n: int, length: int, force: bool, compute_dtype: str = "float32") -> dict:
-    """recipes/int4.yaml with this bench's model, output, calibration, compute dtype and exports."""
+def our_recipe(model: Path, out: Path, n: int, length: int, force: bool, compute_dtype: str | None = None) -> dict:
+    """recipes/int4.yaml with this bench's model, output, calibration, exports and, unless None,
+    compute dtype."""
     import yaml
 
     r = yaml.safe_load((ROOT / "recipes" / "int4.yaml").read_text())
     r.update(name=out.name, model=str(model), output=str(out))
-    if compute_dtype != "float32":
+    if compute_dtype is not None:
         r["compute_dtype"] = compute_dtype
     r["calibration"] = {"text": {"source": "embedded", "n_samples": n, "seq_len": length},
                         "images": {"n_samples": 0}, "audio": {"n_samples": 0}}
@@ -90,7 +92,7 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
     if sw.exists():
         shutil.rmtree(sw)
     sw.mkdir(parents=True)
-    res: dict = {"calib": f"{n}x{length}", "tokens": n * length, "layers": layers, "compute_dtype": args.compute_dtype}
+    res: dict = {"calib": f"{n}x{length}", "tokens": n * length, "layers": layers}
 
     out = sw / "ours"
     recipe = sw / "ours.yaml"
@@ -100,6 +102,9 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
     m = measure([sys.executable, "-m", "quantize", "run", recipe, "--no-eval"], env, sw / "ours.log")
     m["gguf_bytes"] = sum(f.stat().st_size for f in out.glob("*.gguf"))
     res["ours"] = m
+    # the dtype the run used (the recipe's auto resolved on this machine), from its manifest
+    used = json.loads((out / "manifest.json").read_text())["calibration"]["decoder_compute_dtype"]
+    res["compute_dtype"], res["recipe_compute_dtype"] = used["used"], used["recipe"]
     print(f"[{n}x{length}] ours: {m['wall_s']:.1f} s, peak {m['peak_rss_bytes'] / GiB:.2f} GiB", flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
@@ -145,6 +150,11 @@ def verdict(r: dict) -> str:
     return "met" if not miss else "MISSED: " + " and ".join(miss)
 
 
+def _dtype(r: dict) -> str:
+    """The row's calibration dtype, and "(auto)" where the recipe left the choice to the machine."""
+    return r.get("compute_dtype", "float32") + (" (auto)" if r.get("recipe_compute_dtype") == "auto" else "")
+
+
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| calibration | layers | our compute dtype | ours wall s (CPU s) | ours peak GiB | llama.cpp wall s (convert + imatrix + quantize; "
@@ -153,7 +163,7 @@ def markdown(rows: list[dict], header: str) -> str:
     for r in rows:
         lc = r["llamacpp"]
         parts = " + ".join(f"{lc[s]['wall_s']:.0f}" for s in ("convert", "imatrix", "quantize"))
-        lines.append(f"| {r['calib']} | {r['layers']} | {r.get('compute_dtype', 'float32')} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
+        lines.append(f"| {r['calib']} | {r['layers']} | {_dtype(r)} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
                      f"{r['ours']['peak_rss_bytes'] / GiB:.2f} | {lc['wall_s']:.0f} ({parts}; {lc['cpu_s']:.0f}) | "
                      f"{lc['peak_rss_bytes'] / GiB:.2f} | {r['ratio']['wall']:.2f} | {r['ratio']['cpu']:.2f} | "
                      f"{r['ratio']['peak_rss']:.3f} | {verdict(r)} |")
@@ -193,7 +203,8 @@ def main(argv=None) -> int:
               f"on {os.cpu_count()} cores, load average {load:.1f} at the end, "
               f"{datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py (E4B's text shapes, random "
               "bf16). Ours: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, streamed calibration, text "
-              "GGUF; `compute_dtype` as the row says, the recipe's float32 unless `--compute-dtype`). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
+              "GGUF; `compute_dtype` as the row says: the recipe's own unless `--compute-dtype`, which is auto since 2026-12-01 "
+              "(\"(auto)\": bfloat16 on this AVX512-BF16 CPU) and was float32 before). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
               "imatrix. Peak: the largest VmHWM of any process in each side's tree.")
     md = markdown(ordered, header)
     write_results(out, "e4b_calibrated", {"command": cmd.strip(), "rows": ordered}, md)

@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def fit_recipe(model: Path, out: Path, budget: str, samples: int, seq_len: int, force: bool) -> dict:
     from bench.e4b_calibrated import our_recipe
 
-    r = our_recipe(model, out, samples, seq_len, force)
+    r = our_recipe(model, out, samples, seq_len, force, compute_dtype="float32")  # as the baseline
     r["exports"]["gguf"]["fit"] = {"budget": budget, "samples": samples}
     return r
 
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     else:
         bout = sw / "int4-out"
         brecipe = sw / "int4.yaml"
-        brecipe.write_text(json.dumps(our_recipe(model, bout, n, length, force=layers != 35)))
+        # float32 pinned, as in fit's own run and the recorded rows (--baseline-from): like with like
+        brecipe.write_text(json.dumps(our_recipe(model, bout, n, length, force=layers != 35, compute_dtype="float32")))
         print(f"baseline: quantize run recipes/int4.yaml (GPTQ, {args.calib}) ...", flush=True)
         b = measure([sys.executable, "-m", "quantize", "run", brecipe, "--no-eval"], env, sw / "int4.log")
         res["baseline"] = {**b, "calib": args.calib, "source": "run in this script"}
@@ -133,7 +134,7 @@ def recorded_baseline(path: Path, calib: str, layers: int) -> dict:
     rows' ``ours``) or from an earlier e4b_fit.json (a baseline it ran itself)."""
     rows = json.loads(path.read_text())["rows"]
     for r in rows:
-        if r["layers"] != layers or r.get("compute_dtype", "float32") != "float32":  # the shipped recipe's runs
+        if r["layers"] != layers or r.get("compute_dtype", "float32") != "float32":  # float32 runs, as fit's
             continue
         if r.get("calib") == calib and "ours" in r:
             return {**r["ours"], "calib": calib, "source": f"recorded in {path.name} ({r.get('load_average', ['?'])[0]} load)"}

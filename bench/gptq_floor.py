@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     path = Path(args.recorded)
     if path.exists():
         for r in json.loads(path.read_text())["rows"]:
-            if r["layers"] == LAYERS and r.get("compute_dtype", "float32") == "float32":  # the shipped recipe's
+            if r["layers"] == LAYERS and r.get("compute_dtype", "float32") == "float32":  # float32 runs: the floor's GEMMs are fp32
                 recorded[r["calib"]] = r
     threads = torch.get_num_threads()
     print(f"timing GEMMs ({threads} threads) ...", flush=True)

@@ -78,6 +78,8 @@ def run(model: Path, out: Path, device: str, samples: int, seq_len: int, force: 
         "peak_rss_gib": round((peak_rss_bytes() or 0) / 2**30, 3),
         "gguf_bytes": sum(p.stat().st_size for p in result.artifacts if p.suffix == ".gguf"),
         "gptq_fallbacks": sum(len(e.get("fallbacks", {})) for e in result.manifest["quantization"].values()),
+        # the recipe's compute_dtype: auto, as resolved on this device (bf16 on a GPU of compute capability 8.0+)
+        "compute_dtype": ((result.manifest.get("calibration") or {}).get("decoder_compute_dtype") or {}).get("used"),
         "torch": torch.__version__,
     }
     if cuda:

@@ -41,7 +41,10 @@ def _recipe(model: Path, batches: int, tokens: int):
     r = load_recipe(str(ROOT / "recipes" / "int4.yaml"), model=str(model), output=str(model.parent / "unused-out"))
     cal = CalibrationConfig.model_validate({"text": {"source": "embedded", "n_samples": batches, "seq_len": tokens}})
     # Calibration only: the GGUF writer's check of llama.cpp's fixed 35-layer layout is not wanted here.
-    return r.model_copy(update={"calibration": cal, "exports": r.exports.model_copy(update={"gguf": None})})
+    # float32 pinned (the recipe's auto would be bf16 on an AVX512-BF16 CPU): the whole-model side
+    # upcasts, and these rows were measured that way.
+    return r.model_copy(update={"calibration": cal, "compute_dtype": "float32",
+                                "exports": r.exports.model_copy(update={"gguf": None})})
 
 
 def child(mode: str, model: Path, batches: int, tokens: int) -> dict:

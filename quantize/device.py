@@ -27,6 +27,9 @@ from quantize.errors import RecipeError
 
 
 DEVICE_HELP = "cpu, cuda or cuda:N"
+# x86 CPU flags (Linux /proc/cpuinfo) of instructions that compute bf16 products in hardware;
+# without them oneDNN converts bf16 to fp32 and its bf16 matmuls are no faster than fp32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def parse_device(spec: str) -> tuple[str, int | None]:
@@ -56,6 +59,36 @@ def calibration_device(spec: str | torch.device) -> torch.device:
         raise RecipeError(f"device {spec}: torch sees {torch.cuda.device_count()} CUDA device(s), "
                           f"valid: cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return torch.device("cuda", index)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (or the text given); empty where there is
+    no such file (not Linux) or no ``flags`` line (not x86)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def native_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bf16 in hardware, and what that was decided from (one phrase
+    for logs and the manifest). CUDA: torch's check without emulation (compute capability 8.0
+    and later). CPU: an x86 flag of ``BF16_CPU_FLAGS`` (``flags``: the CPU's, read when None);
+    other CPUs count as without (not measured here)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"{torch.cuda.get_device_name(device)} {'computes' if ok else 'does not compute'} bf16 natively"
+    found = sorted((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, f"the CPU has none of {', '.join(BF16_CPU_FLAGS)}"
 
 
 @contextmanager

@@ -70,25 +70,51 @@ def _check_calibration_paths(recipe: Recipe) -> None:
 
 
 def _check_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
-    """``compute_dtype: bfloat16`` only where it does what it says: the sequential engine runs
-    (something in the decoder is calibrated), reads weights bf16 holds exactly (GPTQ quantizes
-    the layer's weights as the engine holds them), and absorbs no AWQ scales (bf16 would round
-    the norm and linear weights they are folded into)."""
-    if recipe.compute_dtype == "float32":
-        return
-    key = f"compute_dtype: {recipe.compute_dtype}"
+    """``compute_dtype: bfloat16`` only where it does what it says (``_bf16_refusal``)."""
+    if recipe.compute_dtype == "bfloat16":
+        refusal = _bf16_refusal(recipe, ckpt, plan)
+        if refusal is not None:
+            why, rest = refusal
+            raise RecipeError(f"compute_dtype: bfloat16{why}{rest}")
+
+
+def _bf16_refusal(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> tuple[str, str] | None:
+    """Why a bf16 calibration forward would not do what it says (the phrase after "bfloat16",
+    naming nothing on this machine: auto's reason goes into the manifest) and the rest of the
+    error (what was found where, what to do instead), or None: the sequential engine must run (something in the decoder
+    is calibrated), read weights bf16 holds exactly (GPTQ quantizes the layer's weights as the
+    engine holds them), and absorb no AWQ scales (bf16 would round the norm and linear weights
+    they are folded into)."""
     if not _runs_decoder_engine(recipe, plan):
-        raise RecipeError(f"{key} sets the text decoder's calibration forward, and this recipe calibrates nothing "
-                          "there (no GPTQ, AWQ or importance in towers.text or overrides, no kv_cache.fp8): remove the key")
+        return (" sets the text decoder's calibration forward, and this recipe calibrates nothing there (no GPTQ, "
+                "AWQ or importance in towers.text or overrides, no kv_cache.fp8)", ": remove the key")
     text = [e for e in plan.entries if e.quantized and e.tower == "text"]  # what the engine quantizes
     awq = sorted(e.name for e in text if e.scheme.method == "awq")
     if awq:
-        raise RecipeError(f"{key}: AWQ folds its scales into norm and linear weights, which bfloat16 would round "
-                          f"({awq[0]}{' and others' if len(awq) > 1 else ''}): use float32 with AWQ")
+        return (f": AWQ folds its scales into norm and linear weights, which bfloat16 would round "
+                f"({awq[0]}{' and others' if len(awq) > 1 else ''})", ": use float32 with AWQ")
     stored = sorted({ckpt.tensors[e.name].dtype for e in text} - {"BF16"})
     if stored:
-        raise RecipeError(f"{key} needs the text decoder stored in bfloat16 (GPTQ would quantize rounded weights); "
-                          f"{ckpt.folder}'s decoder linears are {', '.join(stored)}: use float32")
+        return (" needs the text decoder stored in bfloat16 (GPTQ would quantize rounded weights)",
+                f"; {ckpt.folder}'s decoder linears are {', '.join(stored)}: use float32")
+    return None
+
+
+def resolve_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> tuple[str, str]:
+    """The dtype of the text decoder's calibration forward, and why (for the log and the
+    manifest). ``auto`` is bfloat16 where an explicit ``bfloat16`` would be accepted and the
+    calibration device multiplies bf16 in hardware (``quantize.device.native_bf16``), else
+    float32: the model's own dtype where that is fast, the upcast where bf16 would be emulated
+    or would round what GPTQ quantizes."""
+    if recipe.compute_dtype != "auto":
+        return recipe.compute_dtype, "set in the recipe"
+    refusal = _bf16_refusal(recipe, ckpt, plan)
+    if refusal is not None:
+        return "float32", f"auto: float32, since bfloat16{refusal[0]}"
+    from quantize.device import calibration_device, native_bf16
+
+    native, found = native_bf16(calibration_device(recipe.device))
+    return ("bfloat16" if native else "float32"), f"auto: {found}"
 
 
 def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
@@ -303,20 +329,24 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
             streamed.release_tower(tower)
 
     result = None
+    manifest = dict(calib.manifest)
     if _runs_decoder_engine(recipe, plan):
         # Every quantized decoder linear goes through the engine, plain RTN too: later layers,
         # and KV consumers reading their producer's cache, must calibrate on the quantized model.
         schemes = {e.name: e.scheme for e in plan.entries if e.quantized and e.tower == "text"}
+        dtype, why = resolve_compute_dtype(recipe, ckpt, plan)
+        log.info("text decoder calibration forward in %s (%s)", dtype, why)
+        manifest["decoder_compute_dtype"] = {"recipe": recipe.compute_dtype, "used": dtype, "why": why}
         spill.mkdir()
         result = quantize_text_decoder(
             model, schemes, batches, device=recipe.device, kv_fp8=recipe.kv_cache.fp8, progress=progress,
-            compute_dtype=getattr(torch, recipe.compute_dtype), streamed=streamed, spill=SpilledTensors(spill),
+            compute_dtype=getattr(torch, dtype), streamed=streamed, spill=SpilledTensors(spill),
         )
     del model, streamed
     # the calibration's hidden states and last layer are freed: their heap pages go back before
     # the writers allocate theirs (quantize.memory)
     release_free_memory()
-    return calib.manifest, result, importance
+    return manifest, result, importance
 
 
 # What AutoProcessor reads: a tokenizer (either file) and the processor's own config (either file).

@@ -193,8 +193,11 @@ class Recipe(_Strict):
     # The text decoder's calibration forward: the layer being calibrated and the activations
     # passed on to the next. bfloat16 (E4B's own dtype) runs its matmuls faster where the hardware
     # has bf16 instructions (2.6x measured on an AVX512-BF16 CPU; slower on CPUs without); Hessians and importance are
-    # still accumulated, and GPTQ solved, in float32. Needs a decoder stored in bfloat16.
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # still accumulated, and GPTQ solved, in float32. Needs a decoder stored in bfloat16. auto: bfloat16
+    # where that holds, no AWQ folds scales, and the device multiplies bf16 in hardware
+    # (quantize.device.native_bf16), else float32; the manifest records which and why. float32
+    # (the default) does not depend on the machine's bf16 support.
+    compute_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     calibration: CalibrationConfig = CalibrationConfig()
     towers: Towers = Towers()
     overrides: list[Override] = []

@@ -168,6 +168,35 @@ def _recipe(model, tmp_path, device: str):
     return Recipe.model_validate(data)
 
 
+@gpu
+def test_auto_compute_dtype_on_cuda(tiny_random, tmp_path):
+    """``compute_dtype: auto`` on a CUDA device: bfloat16 for a decoder stored in bf16 exactly
+    where the GPU multiplies bf16 in hardware (compute capability 8.0 and later, the reference
+    here), float32 for one stored in float32 whatever the GPU."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from quantize.device import native_bf16
+    from quantize.pipeline import prepare, resolve_compute_dtype
+    from quantize.recipe import Recipe, load_recipe
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    hardware = torch.cuda.get_device_capability(dev) >= (8, 0)
+    assert native_bf16(dev)[0] == hardware
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(tiny_random, bf16)
+    ts = load_file(str(bf16 / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ts.items()},
+              str(bf16 / "model.safetensors"), metadata={"format": "pt"})
+    for folder, want in ((bf16, "bfloat16" if hardware else "float32"), (tiny_random, "float32")):
+        r = load_recipe(str(ROOT / "recipes" / "demo.yaml"), model=str(folder), output="unused")
+        recipe = Recipe.model_validate({**r.model_dump(mode="json", exclude_none=True), "device": "cuda",
+                                        "compute_dtype": "auto"})
+        dtype, why = resolve_compute_dtype(recipe, *prepare(recipe))
+        assert dtype == want, why
+
+
 def _on_cpu(result) -> None:
     for name, qt in result.tensors.items():
         for t in (qt.codes, qt.scales, qt.zero_points):

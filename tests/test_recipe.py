@@ -191,5 +191,6 @@ def test_compute_dtype_lists_the_valid_ones():
     with pytest.raises(RecipeError) as err:
         parse_recipe({"model": "m", "output": "o", "compute_dtype": "float16"}, "r.yaml")
     msg = str(err.value)
-    assert msg.startswith("r.yaml: compute_dtype:") and "'float32'" in msg and "'bfloat16'" in msg
+    assert msg.startswith("r.yaml: compute_dtype:") and "'float32'" in msg and "'bfloat16'" in msg and "'auto'" in msg
     assert parse_recipe({"model": "m", "output": "o"}).compute_dtype == "float32"
+    assert parse_recipe({"model": "m", "output": "o", "compute_dtype": "auto"}).compute_dtype == "auto"

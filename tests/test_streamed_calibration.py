@@ -107,6 +107,8 @@ def test_streamed_equals_whole_model(tiny_trained, tmp_path, monkeypatch, text_t
     monkeypatch.setattr(sequential, "run_layer", counting_run_layer)
     got_manifest, got, got_importance = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / "spill")
 
+    # the calibration record, plus the dtype the decoder's forward ran in (the reference's float32)
+    assert got_manifest.pop("decoder_compute_dtype") == {"recipe": "float32", "used": "float32", "why": "set in the recipe"}
     assert got_manifest == want_manifest
     assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
     # the finished layers' codes were read back from disk (quantize.spill), one file per layer
@@ -265,3 +267,56 @@ def test_bf16_compute_dtype_refuses_what_it_would_not_do(tiny_trained, tmp_path,
     assert msg.startswith("compute_dtype: bfloat16") and expect in msg and "\n" not in msg, msg
     if case == "fp32 checkpoint":
         assert "F32" in msg and str(folder) in msg
+
+
+def test_auto_compute_dtype_is_bf16_where_the_hardware_has_it(tiny_trained, tmp_path, monkeypatch):
+    """``compute_dtype: auto`` on a bf16-stored checkpoint calibrates exactly as an explicit
+    ``bfloat16`` where the device multiplies bf16 in hardware and as ``float32`` where it does
+    not (codes and scales bit for bit; ``quantize.device.native_bf16`` answered both ways), and
+    the calibration record says which was used and why. Where an explicit bfloat16 would be
+    refused (a float32 checkpoint, AWQ) auto is float32 whatever the hardware."""
+    from calibrate.config import CalibrationConfig
+    from quantize import device
+    from quantize.pipeline import prepare, resolve_compute_dtype
+
+    folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
+    base = _recipe(folder, tmp_path, {"preset": "int4_gptq", "act_order": True}, False)
+    base = base.model_copy(update={"calibration": CalibrationConfig.model_validate({"text": CALIBRATION["text"]})})
+    auto = base.model_copy(update={"compute_dtype": "auto"})
+    ckpt, plan = prepare(auto)
+    for native, explicit in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(device, "native_bf16", lambda dev, flags=None, native=native: (native, f"hardware says {native}"))
+        man, got, _ = _calibrate(auto, ckpt, plan, progress=False, spill=tmp_path / f"spill-auto-{native}")
+        assert man["decoder_compute_dtype"] == {"recipe": "auto", "used": explicit, "why": f"auto: hardware says {native}"}
+        recipe = base.model_copy(update={"compute_dtype": explicit})
+        man, want, _ = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / f"spill-{explicit}")
+        assert man["decoder_compute_dtype"] == {"recipe": explicit, "used": explicit, "why": "set in the recipe"}
+        assert sorted(got.tensors) == sorted(want.tensors) and want.tensors
+        for name, qt in want.tensors.items():
+            assert torch.equal(got.tensors[name].codes, qt.codes), (native, name)
+            assert torch.equal(got.tensors[name].scales, qt.scales), (native, name)
+
+    monkeypatch.setattr(device, "native_bf16", lambda dev, flags=None: (True, "hardware says True"))
+    fp32 = _recipe(tiny_trained, tmp_path, {"preset": "int4_gptq"}, False).model_copy(update={"compute_dtype": "auto"})
+    awq = _recipe(folder, tmp_path, {"preset": "int4_awq"}, False).model_copy(update={"compute_dtype": "auto"})
+    for recipe, expect in ((fp32, "needs the text decoder stored in bfloat16"), (awq, "AWQ folds its scales")):
+        dtype, why = resolve_compute_dtype(recipe, *prepare(recipe))
+        assert dtype == "float32" and why.startswith("auto: float32, since bfloat16") and expect in why, why
+        assert str(tmp_path) not in why  # the manifest names nothing on this machine
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    """``native_bf16`` on the CPU: an x86 flags line with AVX512-BF16 or AMX-BF16 counts, one
+    with AVX-512 alone does not, and a CPU without a flags line (aarch64's ``Features``) counts
+    as without (cpuinfo text written by hand)."""
+    from quantize.device import cpu_flags, native_bf16
+
+    cpu = torch.device("cpu")
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+    skylake = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    sapphire = "flags\t: avx512f amx_bf16 amx_tile amx_int8\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert native_bf16(cpu, cpu_flags(zen4)) == (True, "the CPU has avx512_bf16")
+    assert native_bf16(cpu, cpu_flags(sapphire)) == (True, "the CPU has amx_bf16")
+    assert native_bf16(cpu, cpu_flags(skylake)) == (False, "the CPU has none of avx512_bf16, amx_bf16")
+    assert cpu_flags(arm) == set() and not native_bf16(cpu, cpu_flags(arm))[0]
