@@ -91,6 +91,8 @@ def _cmd_run(args) -> int:
             print(json.dumps(result.plan.to_json(), indent=2))
         else:
             print(format_plan(result.plan))
+            if result.compute_dtype is not None:
+                print("text decoder calibration forward: %s (%s)" % result.compute_dtype)
             st = recipe.exports.safetensors
             if st is not None and st.enabled:
                 from quantize.formats.safetensors.writer import predicted_bytes

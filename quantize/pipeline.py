@@ -32,6 +32,9 @@ class RunResult:
     artifacts: list[Path] = field(default_factory=list)
     manifest: dict | None = None
     eval: dict | None = None  # the manifest's eval record; {"error": ...} when the evaluation failed
+    # dry runs: the text decoder's calibration dtype and why (resolve_compute_dtype); None when
+    # nothing in the decoder is calibrated
+    compute_dtype: tuple[str, str] | None = None
 
 
 def prepare(recipe: Recipe, allow_pickle: bool = False, *, out: Path | None = None,
@@ -117,6 +120,17 @@ def resolve_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> tuple
     return ("bfloat16" if native else "float32"), f"auto: {found}"
 
 
+def _planned_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> tuple[str, str] | None:
+    """``resolve_compute_dtype`` for a dry run, which may plan for a device this machine lacks
+    (auto then says it decides on the device at run time)."""
+    if not _runs_decoder_engine(recipe, plan):
+        return None
+    try:
+        return resolve_compute_dtype(recipe, ckpt, plan)
+    except RecipeError as e:
+        return "float32 or bfloat16", f"auto: decided on the device at run time; here {e}"
+
+
 def _validate_exports(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
     """Refuse, before any weight is read, what an export format cannot represent (the writers'
     own planning steps: llama.cpp's hard-coded Gemma 3n layout, mtmd's limits, layouts)."""
@@ -191,7 +205,7 @@ def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, pr
     out = Path(into) if into is not None else Path(recipe.output)
     ckpt, plan = prepare(recipe, allow_pickle=allow_pickle, out=None if dry_run else out, overwrite=overwrite)
     if dry_run:
-        return RunResult(plan=plan, model_folder=ckpt.folder)
+        return RunResult(plan=plan, model_folder=ckpt.folder, compute_dtype=_planned_compute_dtype(recipe, ckpt, plan))
 
     with atomic_folder(out, overwrite=overwrite) as tmp:
         result = _run_into(recipe, ckpt, plan, tmp, progress)

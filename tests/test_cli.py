@@ -1,6 +1,7 @@
 """Command line: exit codes, one-line errors, no partial output, dry-run plan, inspect."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,15 @@ def test_dry_run_prints_plan_without_output(tmp_path, tiny_random):
     assert "per_layer_embeddings" in r.stdout and "int4-g32-gptq" in r.stdout
     assert "layer 18 -> layers 20, 21, 22, 23" in r.stdout
     assert "predicted GGUF text model (demo-auto.gguf):" in r.stdout and "IQ1_S (placeholders)" in r.stdout
+    assert "text decoder calibration forward: float32 (set in the recipe)" in r.stdout
+    assert not out.exists()
+    # compute_dtype: auto on a float32-stored decoder: float32, and why
+    auto = tmp_path / "auto.yaml"
+    auto.write_text(Path("recipes/demo.yaml").read_text() + "\ncompute_dtype: auto\n")
+    r = _run("run", str(auto), "--model", str(tiny_random), "--out", str(out), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert ("text decoder calibration forward: float32 (auto: float32, since bfloat16 needs the text decoder "
+            "stored in bfloat16 (GPTQ would quantize rounded weights))") in r.stdout
     assert not out.exists()
 
 
