@@ -79,12 +79,15 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
 
 def native_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bool, str]:
     """Whether ``device`` multiplies bf16 in hardware, and what that was decided from (one phrase
-    for logs and the manifest). CUDA: torch's check without emulation (compute capability 8.0
-    and later). CPU: an x86 flag of ``BF16_CPU_FLAGS`` (``flags``: the CPU's, read when None);
-    other CPUs count as without (not measured here)."""
+    for logs and the manifest). CUDA: compute capability 8.0 or later (Ampere, Jetson Orin and
+    newer: bf16 tensor cores), of this device (``torch.cuda.is_bf16_supported`` asks the current
+    one). CPU: an x86 flag of ``BF16_CPU_FLAGS`` (``flags``: the CPU's, read when None); other
+    CPUs count as without (not measured here)."""
     if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported(including_emulation=False)
-        return ok, f"{torch.cuda.get_device_name(device)} {'computes' if ok else 'does not compute'} bf16 natively"
+        major, minor = torch.cuda.get_device_capability(device)
+        ok = (major, minor) >= (8, 0)
+        return ok, (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                    f"{'computes' if ok else 'does not compute'} bf16 natively")
     found = sorted((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
     if found:
         return True, f"the CPU has {' and '.join(found)}"

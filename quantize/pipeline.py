@@ -84,10 +84,10 @@ def _check_compute_dtype(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> None:
 def _bf16_refusal(recipe: Recipe, ckpt: Checkpoint, plan: Plan) -> tuple[str, str] | None:
     """Why a bf16 calibration forward would not do what it says (the phrase after "bfloat16",
     naming nothing on this machine: auto's reason goes into the manifest) and the rest of the
-    error (what was found where, what to do instead), or None: the sequential engine must run (something in the decoder
-    is calibrated), read weights bf16 holds exactly (GPTQ quantizes the layer's weights as the
-    engine holds them), and absorb no AWQ scales (bf16 would round the norm and linear weights
-    they are folded into)."""
+    error (what was found where, what to do instead), or None: the sequential engine must run
+    (something in the decoder is calibrated), read weights bf16 holds exactly (GPTQ quantizes
+    the layer's weights as the engine holds them), and absorb no AWQ scales (bf16 would round
+    the norm and linear weights they are folded into)."""
     if not _runs_decoder_engine(recipe, plan):
         return (" sets the text decoder's calibration forward, and this recipe calibrates nothing there (no GPTQ, "
                 "AWQ or importance in towers.text or overrides, no kv_cache.fp8)", ": remove the key")
