@@ -179,9 +179,9 @@ if tests:
     md += [f"- FAILED {t}: {(tests.get('why', {}).get(t) or '').strip().splitlines()[0][:300] if (tests.get('why', {}).get(t) or '').strip() else ''}" for t in tests["failed"]]
 if rows:
     md += ["", "End to end (bench/gpu_run.py, recipes/int4.yaml's allocation, text GGUF only):", "",
-           "| model | device | tokens | wall s | calibration s | export s | peak RSS GiB | GPU max allocated GiB | GPU max reserved GiB |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {e['model']} | {e.get('gpu', e['device'])} | {e['samples']} x {e['seq_len']} | {e['wall_s']} | "
+           "| model | device | tokens | compute dtype | wall s | calibration s | export s | peak RSS GiB | GPU max allocated GiB | GPU max reserved GiB |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {e['model']} | {e.get('gpu', e['device'])} | {e['samples']} x {e['seq_len']} | {e.get('compute_dtype') or '-'} | {e['wall_s']} | "
            f"{e.get('calibration_s')} | {e['export_s']} | {e['peak_rss_gib']} | {e.get('gpu_max_allocated_gib', '-')} | "
            f"{e.get('gpu_max_reserved_gib', '-')} |" for e in rows]
     md += ["", "Decoder layers' time by phase (s, summed over layers): "
