@@ -81,14 +81,17 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bo
     """Whether ``device`` multiplies bf16 in hardware, and what that was decided from (one phrase
     for logs and the manifest). CUDA: compute capability 8.0 or later (Ampere, Jetson Orin and
     newer: bf16 tensor cores), of this device (``torch.cuda.is_bf16_supported`` asks the current
-    one). CPU: an x86 flag of ``BF16_CPU_FLAGS`` (``flags``: the CPU's, read when None); other
-    CPUs count as without (not measured here)."""
+    one). CPU: an x86 flag of ``BF16_CPU_FLAGS`` (``flags``: the CPU's, read when None), and
+    oneDNN in this torch build (without it torch multiplies bf16 in a slow reference loop);
+    other CPUs count as without (not measured here)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         ok = (major, minor) >= (8, 0)
         return ok, (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
                     f"{'computes' if ok else 'does not compute'} bf16 natively")
     found = sorted((cpu_flags() if flags is None else flags) & set(BF16_CPU_FLAGS))
+    if found and not torch.backends.mkldnn.is_available():
+        return False, f"the CPU has {' and '.join(found)}, but this torch has no oneDNN for bf16 matmuls"
     if found:
         return True, f"the CPU has {' and '.join(found)}"
     return False, f"the CPU has none of {', '.join(BF16_CPU_FLAGS)}"

@@ -320,3 +320,13 @@ def test_native_bf16_reads_the_cpu_flags():
     assert native_bf16(cpu, cpu_flags(sapphire)) == (True, "the CPU has amx_bf16")
     assert native_bf16(cpu, cpu_flags(skylake)) == (False, "the CPU has none of avx512_bf16, amx_bf16")
     assert cpu_flags(arm) == set() and not native_bf16(cpu, cpu_flags(arm))[0]
+
+
+def test_native_bf16_needs_onednn(monkeypatch):
+    """A torch build without oneDNN multiplies bf16 in a reference loop: no native bf16 then,
+    whatever the CPU flags say."""
+    from quantize.device import native_bf16
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    ok, why = native_bf16(torch.device("cpu"), {"avx512f", "avx512_bf16"})
+    assert not ok and "no oneDNN" in why
