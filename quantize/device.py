@@ -99,26 +99,31 @@ def native_bf16(device: torch.device, flags: set[str] | None = None) -> tuple[bo
 
 @contextmanager
 def exact_cuda_math(device: torch.device) -> Iterator[None]:
-    """IEEE fp32 matmuls and deterministic cuDNN while the block runs on ``device`` (a CUDA
-    device; nothing changes for the CPU); ``device`` is also the current CUDA device, so any
-    tensor made on plain ``cuda`` inside lands on the GPU asked for."""
+    """IEEE fp32 matmuls, fp32 accumulation in bf16 matmuls and deterministic cuDNN while the
+    block runs on ``device`` (a CUDA device; nothing changes for the CPU); ``device`` is also the
+    current CUDA device, so any tensor made on plain ``cuda`` inside lands on the GPU asked for."""
     if device.type != "cuda":
         yield
         return
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    saved = (torch.get_float32_matmul_precision(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    saved = (torch.get_float32_matmul_precision(), matmul.allow_tf32, cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark,
+             matmul.allow_bf16_reduced_precision_reduction)
     try:
         torch.set_float32_matmul_precision("highest")
         matmul.allow_tf32 = False
+        # bf16 matmuls (compute_dtype bfloat16, auto's choice on these GPUs) accumulate in fp32:
+        # no split-K partial sums in bf16, which cuBLAS may otherwise choose by shape
+        matmul.allow_bf16_reduced_precision_reduction = False
         cudnn.allow_tf32 = False
         cudnn.deterministic = True
         cudnn.benchmark = False
         with torch.cuda.device(device):
             yield
     finally:
-        precision, matmul_tf32, cudnn_tf32, deterministic, benchmark = saved
+        precision, matmul_tf32, cudnn_tf32, deterministic, benchmark, bf16_reduction = saved
         torch.set_float32_matmul_precision(precision)
         matmul.allow_tf32 = matmul_tf32  # after the precision, which also sets it
+        matmul.allow_bf16_reduced_precision_reduction = bf16_reduction
         cudnn.allow_tf32 = cudnn_tf32
         cudnn.deterministic = deterministic
         cudnn.benchmark = benchmark

@@ -304,6 +304,7 @@ def _layer_recorder(model, seen: list):
         seen.append({
             "device": str(args[0].device),
             "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "bf16_reduced_reduction": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
             "cudnn_tf32": torch.backends.cudnn.allow_tf32,
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -332,12 +333,13 @@ def test_cuda_index_and_exact_fp32_flags_are_scoped_to_the_run(tiny_random):
     try:
         res = quantize_text_decoder(model, schemes, batches, device=f"cuda:{n - 1}", progress=False)
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction is True  # torch's default, restored
         assert torch.backends.cudnn.benchmark is True
     finally:
         hook.remove()
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
-    assert seen and all(s == {"device": f"cuda:{n - 1}", "matmul_tf32": False, "cudnn_tf32": False,
+    assert seen and all(s == {"device": f"cuda:{n - 1}", "matmul_tf32": False, "bf16_reduced_reduction": False, "cudnn_tf32": False,
                               "cudnn_deterministic": True, "cudnn_benchmark": False, "precision": "highest"}
                         for s in seen[1:]), seen  # seen[0]: the capture's own forward, on the CPU
     assert model.model.language_model.layers[0].mlp.down_proj.weight.device.type == "cpu"
