@@ -13,9 +13,12 @@ them (the kernel's ``VmHWM`` of every process in the tree):
 - ours: ``python -m quantize run`` of recipes/int4.yaml (GPTQ int4 act-order on the text
   decoder, the shipped embedding and per-layer table types), text calibration only on
   N x L embedded tokens, a text GGUF only (no mmproj, no safetensors, ``--no-eval``);
-- llama.cpp: ``convert_hf_to_gguf.py --outtype f16``, ``llama-imatrix`` over the same N x L
-  tokens (our calibration samples decoded to text, chunks of L), ``llama-quantize --imatrix
-  ... Q4_0``; its wall time is the sum, its peak the largest of the three.
+- llama.cpp: ``convert_hf_to_gguf.py --outtype bf16`` (``--llamacpp-outtype``; bf16 is the
+  route issue 13 measured, lossless for this bf16 checkpoint, and on an AVX512-BF16 CPU the
+  faster one: ``llama-imatrix`` on a bf16 GGUF took 85 s where f16 took 124 s at 4 x 512; f16
+  rounds the checkpoint's bf16 values), ``llama-imatrix`` over the same N x L tokens (our
+  calibration samples decoded to text, chunks of L), ``llama-quantize --imatrix ... Q4_0``; its
+  wall time is the sum, its peak the largest of the three.
 
 Targets (issue 13): ours at most 0.35x llama.cpp's peak RSS and 1.5x its wall time. CPU seconds
 (user + system of each side's processes) are reported too: on a shared machine wall time also
@@ -49,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "auto"], default=None,
                    help="our recipe's compute_dtype (the calibration forward); default: the recipe's own (auto: "
                         "bfloat16 on a CPU with AVX512-BF16 or AMX, the bf16 checkpoint it is, else float32)")
+    p.add_argument("--llamacpp-outtype", choices=["bf16", "f16"], default="bf16",
+                   help="the GGUF llama.cpp's converter writes for imatrix and quantize (default bf16: lossless for the "
+                        "bf16 checkpoint; rows before 2026-12-01 are f16)")
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"),
                    help="where the synthetic checkpoint lives (shared with bench/conversion_cost.py)")
     p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
@@ -114,13 +120,15 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
     text = sw / "calibration.txt"
     res["calibration_text"] = write_calibration_text(model, cal, text)
     res["calibration_text"]["path"] = text.name
-    f16, imat, q4 = sw / "llamacpp-F16.gguf", sw / "imatrix.gguf", sw / "llamacpp-Q4_0.gguf"
+    res["llamacpp_outtype"] = args.llamacpp_outtype
+    conv = sw / f"llamacpp-{args.llamacpp_outtype.upper()}.gguf"
+    imat, q4 = sw / "imatrix.gguf", sw / "llamacpp-Q4_0.gguf"
     steps = {
-        "convert": ([sys.executable, tools.converter, model, "--outtype", "f16", "--outfile", f16],
+        "convert": ([sys.executable, tools.converter, model, "--outtype", args.llamacpp_outtype, "--outfile", conv],
                     dict(env, PYTHONPATH=f"{tools.gguf_py}")),
-        "imatrix": ([tools.exe("llama-imatrix"), "-m", f16, "-f", text, "-o", imat, "-c", length, "-b", length,
+        "imatrix": ([tools.exe("llama-imatrix"), "-m", conv, "-f", text, "-o", imat, "-c", length, "-b", length,
                      "-t", args.threads, "-ngl", 0, "--no-ppl", "--chunks", n], env),
-        "quantize": ([tools.exe("llama-quantize"), "--allow-requantize", "--imatrix", imat, f16, q4, "Q4_0",
+        "quantize": ([tools.exe("llama-quantize"), "--allow-requantize", "--imatrix", imat, conv, q4, "Q4_0",
                       args.threads], env),
     }
     lc: dict = {}
@@ -137,7 +145,7 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
     res["ratio"] = {"wall": m["wall_s"] / lc["wall_s"], "cpu": m["cpu_s"] / lc["cpu_s"],
                     "peak_rss": m["peak_rss_bytes"] / lc["peak_rss_bytes"]}
     res["load_average"] = os.getloadavg()
-    for f in (f16, imat, q4):
+    for f in (conv, imat, q4):
         f.unlink(missing_ok=True)
     return res
 
@@ -155,16 +163,22 @@ def _dtype(r: dict) -> str:
     return r.get("compute_dtype", "float32") + (" (auto)" if r.get("recipe_compute_dtype") == "auto" else "")
 
 
+def _outtype(r: dict) -> str:
+    """The GGUF type llama.cpp's side converted to (rows before the option existed: f16)."""
+    return r.get("llamacpp_outtype", "f16")
+
+
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| calibration | layers | our compute dtype | ours wall s (CPU s) | ours peak GiB | llama.cpp wall s (convert + imatrix + quantize; "
-             "CPU s) | llama.cpp peak GiB | wall ratio | CPU ratio | RSS ratio | target (<= 1.5x wall, <= 0.35x RSS) |",
-             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
+             "| calibration | layers | our compute dtype | ours wall s (CPU s) | ours peak GiB | llama.cpp converts to | llama.cpp wall s "
+             "(convert + imatrix + quantize; CPU s) | llama.cpp peak GiB | wall ratio | CPU ratio | RSS ratio | target (<= 1.5x wall, "
+             "<= 0.35x RSS) |",
+             "|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lc = r["llamacpp"]
         parts = " + ".join(f"{lc[s]['wall_s']:.0f}" for s in ("convert", "imatrix", "quantize"))
         lines.append(f"| {r['calib']} | {r['layers']} | {_dtype(r)} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
-                     f"{r['ours']['peak_rss_bytes'] / GiB:.2f} | {lc['wall_s']:.0f} ({parts}; {lc['cpu_s']:.0f}) | "
+                     f"{r['ours']['peak_rss_bytes'] / GiB:.2f} | {_outtype(r)} | {lc['wall_s']:.0f} ({parts}; {lc['cpu_s']:.0f}) | "
                      f"{lc['peak_rss_bytes'] / GiB:.2f} | {r['ratio']['wall']:.2f} | {r['ratio']['cpu']:.2f} | "
                      f"{r['ratio']['peak_rss']:.3f} | {verdict(r)} |")
     return "\n".join(lines) + "\n"
@@ -189,14 +203,15 @@ def main(argv=None) -> int:
     out = Path(args.out)
     jpath = out / "e4b_calibrated.json"
     old = json.loads(jpath.read_text())["rows"] if jpath.exists() else []
-    key = lambda r: (r["calib"], r["layers"], r.get("compute_dtype", "float32"))  # noqa: E731
+    key = lambda r: (r["calib"], r["layers"], r.get("compute_dtype", "float32"), _outtype(r))  # noqa: E731
     rows = {key(r): r for r in old}
     for n, length in calibs:
         r = run_calib(model, n, length, args, tools, work)
         rows[key(r)] = r
         print(f"[{n}x{length}] wall ratio {r['ratio']['wall']:.2f}, RSS ratio {r['ratio']['peak_rss']:.3f}: {verdict(r)}",
               flush=True)
-    ordered = sorted(rows.values(), key=lambda r: (-r["layers"], r["tokens"], r.get("compute_dtype", "float32") != "float32"))
+    ordered = sorted(rows.values(), key=lambda r: (-r["layers"], r["tokens"], r.get("compute_dtype", "float32") != "float32",
+                                                   _outtype(r) != "f16"))
     cmd = "python bench/e4b_calibrated.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = os.getloadavg()[0]
     header = (f"# Calibrated int4 on E4B shapes: ours vs llama.cpp\n\n`{cmd.strip()}` (last run), {args.threads} threads "
@@ -204,8 +219,8 @@ def main(argv=None) -> int:
               f"{datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py (E4B's text shapes, random "
               "bf16). Ours: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, streamed calibration, text "
               "GGUF; `compute_dtype` as the row says: the recipe's own unless `--compute-dtype`, which is auto since 2026-12-01 "
-              "(\"(auto)\": bfloat16 on this AVX512-BF16 CPU) and was float32 before). llama.cpp: convert (f16) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the "
-              "imatrix. Peak: the largest VmHWM of any process in each side's tree.")
+              "(\"(auto)\": bfloat16 on this AVX512-BF16 CPU) and was float32 before). llama.cpp: convert (to the GGUF type the row says: bf16 since 2026-12-01, lossless for this checkpoint "
+              "and faster here; f16 before) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the imatrix. Peak: the largest VmHWM of any process in each side's tree.")
     md = markdown(ordered, header)
     write_results(out, "e4b_calibrated", {"command": cmd.strip(), "rows": ordered}, md)
     print(md)
