@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -21,37 +22,85 @@ MANIFEST_VERSION = 1
 _VERSIONED = ("torch", "transformers", "safetensors", "gguf", "compressed-tensors", "bitsandbytes", "gemma3n-quantize")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+class HashCancelled(Exception):
+    """``sha256_file`` stopped because its ``stop`` event was set (the run it served failed)."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22, stop: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                raise HashCancelled(str(path))
             h.update(block)
     return h.hexdigest()
 
 
-def sha256_files(paths, desc: str | None = None) -> list[str]:
-    """``sha256_file`` of each path, in order, several files at once on the process's threads
-    (``torch.get_num_threads()``; hashlib and file reads release the GIL): E4B's 7 cached shards
-    8.7 -> 5.8 s on 2 cores. The sums do not depend on the thread count."""
+def sha256_files(paths, desc: str | None = None, workers: int | None = None,
+                 stop: threading.Event | None = None) -> list[str]:
+    """``sha256_file`` of each path, in order, several files at once on ``workers`` threads
+    (default ``torch.get_num_threads()``; hashlib and file reads release the GIL): E4B's 7 cached
+    shards 8.7 -> 5.8 s on 2 cores. The sums do not depend on the thread count."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
     from tqdm import tqdm
 
     paths = list(paths)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), torch.get_num_threads()))) as pool:
-        return list(tqdm(pool.map(sha256_file, paths), total=len(paths), desc=desc, unit="file",
-                         disable=desc is None or len(paths) < 3))
+    n = max(1, min(len(paths), workers or torch.get_num_threads()))
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(tqdm(pool.map(lambda p: sha256_file(p, stop=stop), paths), total=len(paths), desc=desc,
+                         unit="file", disable=desc is None or len(paths) < 3))
 
 
-def model_hash(ckpt) -> str:
+def model_hash(ckpt, desc: str | None = "hashing model", workers: int | None = None,
+               stop: threading.Event | None = None) -> str:
     """sha256 over config.json and the safetensors shards (names and contents, sorted)."""
     h = hashlib.sha256()
     files = [ckpt.folder / "config.json", *ckpt.files]
-    for f, digest in zip(files, sha256_files(files, desc="hashing model")):
+    for f, digest in zip(files, sha256_files(files, desc=desc, workers=workers, stop=stop)):
         h.update(f.name.encode())
         h.update(bytes.fromhex(digest))
     return h.hexdigest()
+
+
+class BackgroundModelHash:
+    """``model_hash(ckpt)`` on one background thread, started before a calibration.
+
+    Hashing reads the whole checkpoint (E4B: 16 GB), mostly waiting on the disk, while the
+    calibration computes on a few layers' worth of it: overlapped, the read costs the run
+    nothing where it was a serial 18 s here (13 GB, partly cached) and minutes from an SD card.
+    One thread at the lowest priority (Linux: the thread's nice 19), so that it takes the cores
+    only when the calibration leaves them idle; ``result()`` waits for whatever is left.
+    ``cancel()`` stops it within one 4 MiB read (a failed run does not wait for the hash).
+    The sum is ``model_hash``'s, whichever thread computes it."""
+
+    def __init__(self, ckpt):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
+        self._future = self._pool.submit(self._hash, ckpt)
+
+    def _hash(self, ckpt) -> str:
+        try:  # this thread only (its Linux thread id): the calibration's threads keep their priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # no per-thread priority here: hash at normal priority
+            pass
+        return model_hash(ckpt, desc=None, workers=1, stop=self._stop)
+
+    def result(self) -> str:
+        try:
+            return self._future.result()
+        except BaseException:  # interrupted while waiting: the thread stops too
+            self._stop.set()
+            raise
+        finally:
+            self._pool.shutdown()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._pool.shutdown(cancel_futures=True)
 
 
 def public_path(value: str | None) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from quantize.atomic import atomic_folder, check_output, refuse_if_holds
 from quantize.errors import ModelError, RecipeError
 from quantize.evaluation import check_eval, check_eval_text, run_eval
-from quantize.manifest import artifact_provenance, build_manifest, model_hash, write_json_atomic
+from quantize.manifest import BackgroundModelHash, artifact_provenance, build_manifest, model_hash, write_json_atomic
 from quantize.model import Checkpoint, resolve_model
 from quantize.plan import CALIBRATED_METHODS, Plan, build_plan
 from quantize.recipe import Recipe
@@ -229,8 +229,15 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     calib_manifest: dict | None = None
     seq = None
     importance: dict = {}
+    hashing = None
     if needs_calibration(plan) or recipe.kv_cache.fp8:
-        calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress, spill)
+        hashing = BackgroundModelHash(ckpt)  # the checkpoint's sum, read while the calibration computes
+        try:
+            calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress, spill)
+        except BaseException:
+            hashing.cancel()
+            raise
+    digest = hashing.result() if hashing is not None else model_hash(ckpt)
     source = TensorSource(
         ckpt,
         plan,
@@ -241,7 +248,6 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
         # Every layer's cache scales (a KV consumer's are its producer's): writers need each layer's.
         kv_scales=seq.layer_kv_scales if seq else {},
     )
-    digest = model_hash(ckpt)
     provenance = artifact_provenance(recipe, digest)
     ctx = ExportContext(recipe=recipe, source=source, out_dir=out, provenance=provenance)
     artifacts: list[Path] = []

@@ -117,3 +117,65 @@ def test_rerun_is_byte_identical(demo_run, tiny_trained):
     run(recipe, progress=False)
     after = {p.relative_to(out): _sha(p) for p in sorted(out.rglob("*")) if p.is_file()}
     assert before == after
+
+
+def _fake_checkpoint(tmp_path, shard_mib: int):
+    """What ``model_hash`` reads of a checkpoint: its folder (config.json) and shard files."""
+    from types import SimpleNamespace
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gemma3n"}')
+    shard = folder / "model.safetensors"
+    shard.write_bytes(torch.randint(0, 256, (shard_mib << 20,), generator=torch.Generator().manual_seed(1),
+                                    dtype=torch.uint8).numpy().tobytes())
+    return SimpleNamespace(folder=folder, files=[shard])
+
+
+def test_background_model_hash_is_the_model_sum_on_a_low_priority_thread(tmp_path, monkeypatch):
+    """A calibrated run hashes the checkpoint on one background thread (``BackgroundModelHash``)
+    while it calibrates: the sum is the one hashlib gives for manifest.model_hash's definition,
+    the thread runs at nice 19 as the kernel reports it, and the caller's priority is untouched."""
+    import os
+    import threading
+
+    import quantize.manifest as manifest
+
+    ckpt = _fake_checkpoint(tmp_path, 8)
+    h = hashlib.sha256()
+    for p in [ckpt.folder / "config.json", *ckpt.files]:
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    assert manifest.BackgroundModelHash(ckpt).result() == h.hexdigest()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+
+    seen = {}
+
+    def spy(c, **kw):
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["thread"] = threading.current_thread() is not threading.main_thread()
+        seen.update(kw)
+        return "sum"
+
+    monkeypatch.setattr(manifest, "model_hash", spy)
+    assert manifest.BackgroundModelHash(ckpt).result() == "sum"
+    assert seen["thread"] and seen["nice"] == 19 and seen["workers"] == 1 and seen["desc"] is None
+
+
+def test_background_model_hash_stops_when_the_run_fails(tmp_path):
+    """``cancel()`` (the run's calibration raised): the hash stops at its next read instead of
+    reading the rest of the checkpoint, and nothing is left running."""
+    import threading
+
+    from quantize.manifest import BackgroundModelHash, HashCancelled, sha256_file
+
+    ckpt = _fake_checkpoint(tmp_path, 16)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(HashCancelled):
+        sha256_file(ckpt.files[0], stop=stop)
+    bg = BackgroundModelHash(ckpt)
+    bg.cancel()
+    assert bg._future.done()  # cancel waits for the thread: stopped (or, rarely, already finished)
+    assert not [t for t in threading.enumerate() if t.name.startswith("model-hash")]
