@@ -18,12 +18,10 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+from quantize.background import Cancelled
+
 MANIFEST_VERSION = 1
 _VERSIONED = ("torch", "transformers", "safetensors", "gguf", "compressed-tensors", "bitsandbytes", "gemma3n-quantize")
-
-
-class HashCancelled(Exception):
-    """``sha256_file`` stopped because its ``stop`` event was set (the run it served failed)."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, stop: threading.Event | None = None) -> str:
@@ -31,7 +29,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22, stop: threading.Event | None =
     with open(path, "rb") as f:
         while block := f.read(chunk):
             if stop is not None and stop.is_set():
-                raise HashCancelled(str(path))
+                raise Cancelled(str(path))
             h.update(block)
     return h.hexdigest()
 
@@ -62,45 +60,6 @@ def model_hash(ckpt, desc: str | None = "hashing model", workers: int | None = N
         h.update(f.name.encode())
         h.update(bytes.fromhex(digest))
     return h.hexdigest()
-
-
-class BackgroundModelHash:
-    """``model_hash(ckpt)`` on one background thread, started before a calibration.
-
-    Hashing reads the whole checkpoint (E4B: 16 GB), mostly waiting on the disk, while the
-    calibration computes on a few layers' worth of it: overlapped, the read costs the run
-    nothing where it was a serial 18 s here (13 GB, partly cached) and minutes from an SD card.
-    One thread at the lowest priority (Linux: the thread's nice 19), so that it takes the cores
-    only when the calibration leaves them idle; ``result()`` waits for whatever is left.
-    ``cancel()`` stops it within one 4 MiB read (a failed run does not wait for the hash).
-    The sum is ``model_hash``'s, whichever thread computes it."""
-
-    def __init__(self, ckpt):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-hash")
-        self._future = self._pool.submit(self._hash, ckpt)
-
-    def _hash(self, ckpt) -> str:
-        try:  # this thread only (its Linux thread id): the calibration's threads keep their priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):  # no per-thread priority here: hash at normal priority
-            pass
-        return model_hash(ckpt, desc=None, workers=1, stop=self._stop)
-
-    def result(self) -> str:
-        try:
-            return self._future.result()
-        except BaseException:  # interrupted while waiting: the thread stops too
-            self._stop.set()
-            raise
-        finally:
-            self._pool.shutdown()
-
-    def cancel(self) -> None:
-        self._stop.set()
-        self._pool.shutdown(cancel_futures=True)
 
 
 def public_path(value: str | None) -> str | None:

@@ -132,14 +132,15 @@ def _fake_checkpoint(tmp_path, shard_mib: int):
     return SimpleNamespace(folder=folder, files=[shard])
 
 
-def test_background_model_hash_is_the_model_sum_on_a_low_priority_thread(tmp_path, monkeypatch):
-    """A calibrated run hashes the checkpoint on one background thread (``BackgroundModelHash``)
-    while it calibrates: the sum is the one hashlib gives for manifest.model_hash's definition,
-    the thread runs at nice 19 as the kernel reports it, and the caller's priority is untouched."""
+def test_low_priority_task_hashes_the_model_at_nice_19(tmp_path, monkeypatch):
+    """A calibrated run hashes the checkpoint on a ``LowPriorityTask`` while it calibrates: the
+    sum is the one hashlib gives for manifest.model_hash's definition, the task's thread runs at
+    nice 19 as the kernel reports it, and the caller's priority is untouched."""
     import os
     import threading
 
-    import quantize.manifest as manifest
+    from quantize.background import LowPriorityTask
+    from quantize.manifest import model_hash
 
     ckpt = _fake_checkpoint(tmp_path, 8)
     h = hashlib.sha256()
@@ -147,35 +148,79 @@ def test_background_model_hash_is_the_model_sum_on_a_low_priority_thread(tmp_pat
         h.update(p.name.encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    assert manifest.BackgroundModelHash(ckpt).result() == h.hexdigest()
+    task = LowPriorityTask("model-hash", lambda stop: model_hash(ckpt, desc=None, workers=1, stop=stop))
+    assert task.result() == h.hexdigest()
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
-
-    seen = {}
-
-    def spy(c, **kw):
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        seen["thread"] = threading.current_thread() is not threading.main_thread()
-        seen.update(kw)
-        return "sum"
-
-    monkeypatch.setattr(manifest, "model_hash", spy)
-    assert manifest.BackgroundModelHash(ckpt).result() == "sum"
-    assert seen["thread"] and seen["nice"] == 19 and seen["workers"] == 1 and seen["desc"] is None
+    seen = LowPriorityTask("probe", lambda stop: (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+                                                 threading.current_thread() is threading.main_thread())).result()
+    assert seen == (19, False)
 
 
-def test_background_model_hash_stops_when_the_run_fails(tmp_path):
-    """``cancel()`` (the run's calibration raised): the hash stops at its next read instead of
-    reading the rest of the checkpoint, and nothing is left running."""
+def test_low_priority_task_stops_when_the_run_fails(tmp_path):
+    """``cancel()`` (the run's calibration raised): the work stops at its next check of ``stop``
+    instead of reading the rest of the checkpoint, and no thread is left running."""
     import threading
 
-    from quantize.manifest import BackgroundModelHash, HashCancelled, sha256_file
+    from quantize.background import Cancelled, LowPriorityTask
+    from quantize.manifest import model_hash, sha256_file
 
     ckpt = _fake_checkpoint(tmp_path, 16)
     stop = threading.Event()
     stop.set()
-    with pytest.raises(HashCancelled):
+    with pytest.raises(Cancelled):
         sha256_file(ckpt.files[0], stop=stop)
-    bg = BackgroundModelHash(ckpt)
-    bg.cancel()
-    assert bg._future.done()  # cancel waits for the thread: stopped (or, rarely, already finished)
+    task = LowPriorityTask("model-hash", lambda stop: model_hash(ckpt, desc=None, workers=1, stop=stop))
+    task.cancel()
+    assert task._future.done()  # cancel waits for the thread: stopped (or, rarely, already finished)
     assert not [t for t in threading.enumerate() if t.name.startswith("model-hash")]
+
+
+def test_quantize_in_rows_is_the_whole_tensor_quantized(tiny_trained, monkeypatch):
+    """The background RTN of an embedding table (``source.quantize_in_rows``, read in pieces of
+    rows) gives the codes and scales of ``quantize_tensor`` on the whole table, bit for bit."""
+    import quantize.source as source
+    from quantize.methods.dispatch import quantize_tensor
+    from quantize.model import Checkpoint
+    from quantize.schemes import QuantScheme, resolve_scheme
+
+    ckpt = Checkpoint(tiny_trained)
+    name = "model.language_model.embed_tokens.weight"
+    scheme = QuantScheme(**{**resolve_scheme("int8").model_dump(), "importance": True})
+    monkeypatch.setattr(source, "ROWS_ELEMENTS", 300 * 256)  # pieces of 300 rows, the last one short
+    got = source.quantize_in_rows(ckpt, name, scheme)
+    whole = quantize_tensor(name, ckpt.get(name), scheme)
+    assert torch.equal(got.codes, whole.codes) and torch.equal(got.scales, whole.scales)
+    assert got.shape == whole.shape and got.info == whole.info
+
+
+def test_tables_quantized_ahead_equal_the_streamed_export(tiny_trained, tmp_path, monkeypatch):
+    """The embedding tables' importance search runs in the background of a calibrated run and the
+    GGUF packs its result; without calibration the writer streams and quantizes the same tables
+    row range by row range. The two files carry the same bytes for both tables (gguf-py reads
+    them)."""
+    from gguf import GGUFReader
+
+    import quantize.pipeline as pipeline
+    from calibrate.config import CalibrationConfig
+
+    ahead = []
+    real = pipeline.quantize_in_rows
+    monkeypatch.setattr(pipeline, "quantize_in_rows", lambda ckpt, name, *a: ahead.append(name) or real(ckpt, name, *a))
+    int8_imp = {"preset": "int8", "importance": True}
+    towers = {"token_embeddings": int8_imp, "per_layer_embeddings": int8_imp, "vision": "keep", "audio": "keep"}
+    calib = CalibrationConfig.model_validate({"text": {"source": "embedded", "n_samples": 2, "seq_len": 64},
+                                              "images": {"n_samples": 0}, "audio": {"n_samples": 0}})
+    data = {}
+    for label, text in (("calibrated", "int4_gptq"), ("rtn", "int4")):
+        r = load_recipe("recipes/demo.yaml", model=str(tiny_trained), output=str(tmp_path / label))
+        r = r.model_validate({**r.model_dump(), "calibration": calib.model_dump(),
+                              "towers": {**r.towers.model_dump(), **towers, "text": text},
+                              "exports": {"gguf": {"mix": "auto", "mmproj": False}}})
+        res = run(r, progress=False)
+        gguf = next(p for p in res.artifacts if p.suffix == ".gguf")
+        data[label] = {t.name: bytes(t.data) for t in GGUFReader(str(gguf)).tensors
+                       if t.name in ("token_embd.weight", "per_layer_token_embd.weight")}
+    # the calibrated run computed both tables in the background, the RTN run neither
+    assert sorted(ahead) == ["model.language_model.embed_tokens.weight", "model.language_model.embed_tokens_per_layer.weight"]
+    assert set(data["rtn"]) == {"token_embd.weight", "per_layer_token_embd.weight"}
+    assert data["calibrated"] == data["rtn"]
