@@ -1,12 +1,13 @@
 """Work that a calibrated run overlaps with its calibration: one thread at the lowest priority.
 
-The decoder's calibration keeps the cores busy with GEMMs but leaves gaps (Python between
-operations, a layer's load, a single-threaded step), and it leaves the disk idle. Work that
-does not depend on the calibration's result (the checkpoint's sha256; the embedding tables'
-RTN, whose tensors get no activation statistics) runs meanwhile on one thread at nice 19 (Linux:
-that thread and the threads it starts, not the calibration's), so that it takes a core only
-when the calibration leaves one idle; ``result()`` waits for whatever is left, which is at
-worst the time the work took in series before.
+The decoder's calibration keeps the cores busy with GEMMs but leaves the disk idle. Work that
+does not depend on the calibration's result and mostly waits on the disk (the checkpoint's
+sha256: 18 s in series on E4B's shapes here) runs meanwhile on one thread at nice 19 (Linux:
+that thread only, not the calibration's), so that it takes a core only when the calibration
+leaves one idle; ``result()`` waits for whatever is left, which is at worst the time the work
+took in series. Not for CPU-bound torch work: the embedding tables' importance search tried
+this way (2026-12-01) slowed the 35-layer decoder from 418 to 493 s, more than the 30 s it
+hid (its OpenMP team competes with the calibration's even at nice 19).
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from quantize.manifest import artifact_provenance, build_manifest, model_hash, w
 from quantize.model import Checkpoint, resolve_model
 from quantize.plan import CALIBRATED_METHODS, Plan, build_plan
 from quantize.recipe import Recipe
-from quantize.source import TensorSource, quantize_in_rows
+from quantize.source import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +192,6 @@ def _tower_calibrated(e) -> bool:
     return e.quantized and e.tower in ("vision", "audio") and e.scheme.importance
 
 
-def _quantized_ahead(e) -> bool:
-    """Quantized now, in the background, while a calibration runs: an importance search (the
-    slow RTN) on a tensor that gets no activation statistics (the embedding tables: their input
-    is a one-hot token; ``quantize.methods.dispatch`` gives them uniform weights) and that the
-    calibration neither quantizes nor changes."""
-    return (e.quantized and e.scheme.importance and e.scheme.method == "rtn" and e.scheme.strategy != "tensor"
-            and e.tower not in ("text", "vision", "audio"))
-
-
 def needs_calibration(plan: Plan) -> bool:
     return any(_text_calibrated(e) or _tower_calibrated(e) for e in plan.entries)
 
@@ -240,28 +230,20 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
     calib_manifest: dict | None = None
     seq = None
     importance: dict = {}
-    ahead: dict = {}
     hashing = None
     if needs_calibration(plan) or recipe.kv_cache.fp8:
-        # while the calibration computes (quantize.background): the checkpoint's sum (mostly disk
-        # reads), and the tables that get no statistics (E4B's token embedding: a 262144-row
-        # importance search, 30 s in series here)
+        # the checkpoint's sum, read while the calibration computes (quantize.background)
         hashing = LowPriorityTask("model-hash", lambda stop: model_hash(ckpt, desc=None, workers=1, stop=stop))
-        tables = LowPriorityTask("tables-ahead", lambda stop: {
-            e.name: quantize_in_rows(ckpt, e.name, e.scheme, stop) for e in plan.entries if _quantized_ahead(e)})
         try:
             calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress, spill)
-            ahead = tables.result()
         except BaseException:
             hashing.cancel()
-            tables.cancel()
             raise
     digest = hashing.result() if hashing is not None else model_hash(ckpt)
     source = TensorSource(
         ckpt,
         plan,
-        # a view of both (the decoder's codes may be spilled to disk: not read here)
-        precomputed=ChainMap(ahead, seq.tensors) if seq else ahead,
+        precomputed=seq.tensors if seq else {},
         updated=seq.updated if seq else {},
         rescaled=seq.rescaled if seq else {},
         importance={**(seq.importance if seq else {}), **importance},

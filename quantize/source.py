@@ -137,35 +137,3 @@ class TensorSource:
         """fp32 tensor as the quantized model computes it (the float weight for kept tensors)."""
         t = self.get(name)
         return t.dequantize() if isinstance(t, QuantizedTensor) else t.to(torch.float32)
-
-
-# Rows read and quantized at a time by ``quantize_in_rows`` (E4B's token embedding: 4096 rows of
-# 2048 values): a few hundred MB of temporaries, not the 2 GiB fp32 copy of the whole table.
-ROWS_ELEMENTS = 1 << 23
-
-
-def quantize_in_rows(checkpoint: Checkpoint, name: str, scheme, stop=None) -> QuantizedTensor:
-    """RTN (or importance RTN under uniform weights: no activation statistics) of a whole
-    checkpoint tensor, read and quantized ``ROWS_ELEMENTS`` values at a time: the codes
-    ``TensorSource.get`` gives for it when nothing computed it ahead (each row's groups are
-    quantized alone, so the pieces are the whole). ``stop``: a ``threading.Event`` checked
-    between pieces (``quantize.background``)."""
-    from quantize.background import Cancelled
-    from quantize.methods.dispatch import quantize_tensor
-
-    info = checkpoint.tensors[name]
-    rows = info.shape[0]
-    step = max(1, ROWS_ELEMENTS // max(1, info.numel // rows))
-    parts = []
-    for r0 in range(0, rows, step):
-        if stop is not None and stop.is_set():
-            raise Cancelled(name)
-        parts.append(quantize_tensor(name, checkpoint.read_rows(name, r0, min(rows, r0 + step)), scheme))
-    first = parts[0]
-    return QuantizedTensor(
-        name=name, shape=tuple(info.shape), scheme=scheme,
-        codes=torch.cat([q.codes for q in parts]), scales=torch.cat([q.scales for q in parts]),
-        zero_points=None if first.zero_points is None else torch.cat([q.zero_points for q in parts]),
-        info=dict(first.info),
-    )
-
