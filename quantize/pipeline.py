@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantize.atomic import atomic_folder, check_output, refuse_if_holds
+from quantize.background import LowPriorityTask
 from quantize.errors import ModelError, RecipeError
 from quantize.evaluation import check_eval, check_eval_text, run_eval
-from quantize.background import LowPriorityTask
 from quantize.manifest import artifact_provenance, build_manifest, model_hash, write_json_atomic
 from quantize.model import Checkpoint, resolve_model
 from quantize.plan import CALIBRATED_METHODS, Plan, build_plan

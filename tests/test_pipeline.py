@@ -132,7 +132,7 @@ def _fake_checkpoint(tmp_path, shard_mib: int):
     return SimpleNamespace(folder=folder, files=[shard])
 
 
-def test_low_priority_task_hashes_the_model_at_nice_19(tmp_path, monkeypatch):
+def test_low_priority_task_hashes_the_model_at_nice_19(tmp_path):
     """A calibrated run hashes the checkpoint on a ``LowPriorityTask`` while it calibrates: the
     sum is the one hashlib gives for manifest.model_hash's definition, the task's thread runs at
     nice 19 as the kernel reports it, and the caller's priority is untouched."""
@@ -173,3 +173,41 @@ def test_low_priority_task_stops_when_the_run_fails(tmp_path):
     task.cancel()
     assert task._future.done()  # cancel waits for the thread: stopped (or, rarely, already finished)
     assert not [t for t in threading.enumerate() if t.name.startswith("model-hash")]
+
+
+def test_a_calibrated_run_hashes_the_model_beside_the_calibration(tiny_trained, tmp_path, monkeypatch):
+    """The run's model_hash call happens off the main thread, at nice 19 as the kernel reports
+    it, during a calibrated run (and the manifest's sum is still the hashlib one); an RTN run
+    hashes on the main thread."""
+    import os
+    import threading
+
+    import quantize.pipeline as pipeline
+    from calibrate.config import CalibrationConfig
+
+    calls = []
+    real = pipeline.model_hash
+
+    def spy(ckpt, **kw):
+        calls.append((threading.current_thread() is threading.main_thread(),
+                      os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return real(ckpt, **kw)
+
+    monkeypatch.setattr(pipeline, "model_hash", spy)
+    calib = CalibrationConfig.model_validate({"text": {"source": "embedded", "n_samples": 1, "seq_len": 32},
+                                              "images": {"n_samples": 0}, "audio": {"n_samples": 0}})
+    main_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    for label, text in (("calibrated", "int4_gptq"), ("rtn", "int4")):
+        r = load_recipe("recipes/demo.yaml", model=str(tiny_trained), output=str(tmp_path / label))
+        r = r.model_validate({**r.model_dump(), "calibration": calib.model_dump(),
+                              "towers": {**r.towers.model_dump(), "text": text, "vision": "keep", "audio": "keep"},
+                              "exports": {"gguf": {"mix": "auto", "mmproj": False}}})
+        res = run(r, progress=False)
+        folder = Path(tiny_trained)
+        h = hashlib.sha256()
+        for p in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+            h.update(p.name.encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        assert res.manifest["model"]["sha256"] == h.hexdigest()
+    assert calls == [(False, 19), (True, main_nice)]
+
