@@ -247,3 +247,72 @@ def test_vision_mmproj_encodes_an_image_like_transformers(tmp_path):
     # measured: min cosine 1.00000, relative error 0.0022 (F16 kernels against fp32 transformers)
     assert cos.min() > 0.999
     assert rel < 0.01
+
+
+def _as_google_publishes(src, dst):
+    """A copy of tiny model ``src`` whose tokenizer files are laid out as Google's Gemma 3n folders
+    are (transformers 4.x): ``tokenizer_config.json`` lists every added token under
+    ``added_tokens_decoder``, the one place llama.cpp's converter reads them from. A few entries
+    exercise the converter's rules: ``<mask>`` and an ``<unused...>`` token not marked special
+    (it makes them CONTROL anyway), a non-special token with ``▁`` (USER_DEFINED, as spaces),
+    and an ``added_tokens.json`` entry that nothing else names (USER_DEFINED)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    added = {t["id"]: dict(t) for t in json.loads((dst / "tokenizer.json").read_text())["added_tokens"]}
+    added[4]["special"] = False  # <mask>
+    added[4098].update(content="<unused_vision_0>", special=False)
+    added[4099].update(content="\u2581\u2581x", special=False)
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    keys = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+    cfg["added_tokens_decoder"] = {str(i): {k: t[k] for k in keys if k in t} for i, t in sorted(added.items())}
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (dst / "added_tokens.json").write_text(json.dumps({"<extra_token>": 100}))
+    return dst
+
+
+def _fields(path) -> dict:
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}, {t.name: t for t in r.tensors}
+
+
+def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
+    """Against llama.cpp's own convert_hf_to_gguf.py (the installed llama-cpp-python's): the same
+    metadata key for key (ours adds only its ``quantize.*`` provenance and names the model after
+    the recipe), the same vocabulary token for token, and every tensor bit for bit, except the
+    KV-shared layers' dead k/v, which we write as zero IQ1_S placeholders (test_gguf.py)."""
+    from gguf import GGMLQuantizationType as T
+
+    from tests.llamacpp_converter import ConverterUnavailable, convert
+
+    folder = _as_google_publishes(tiny_random, tmp_path / "gemma-tiny")
+    try:
+        theirs = convert(folder, tmp_path / "theirs.gguf")
+    except ConverterUnavailable as e:
+        pytest.skip(str(e))
+    ours = _export(folder, tmp_path / "ours", "F32")
+    (fo, to), (ft, tt) = _fields(ours), _fields(theirs)
+
+    assert fo["general.name"] == "t"  # the recipe's name; the converter titles the folder's
+    mine = {k: v for k, v in fo.items() if not k.startswith("quantize.") and k != "general.name"}
+    ref = {k: v for k, v in ft.items() if k != "general.name"}
+    assert sorted(mine) == sorted(ref)
+    for k in ref:
+        assert mine[k] == ref[k], k
+    # the rules the folder exercises, as the converter applied them
+    tokens, types = ref["tokenizer.ggml.tokens"], ref["tokenizer.ggml.token_type"]
+    assert (tokens[4], types[4]) == ("<mask>", 3) and (tokens[4098], types[4098]) == ("<unused_vision_0>", 3)
+    assert (tokens[4099], types[4099]) == ("  x", 4) and (tokens[100], types[100]) == ("<extra_token>", 4)
+
+    assert sorted(to) == sorted(tt)
+    first_shared = 25 - 5
+    dead = {f"blk.{i}.{n}.weight" for i in range(first_shared, 25) for n in ("attn_k", "attn_v", "attn_k_norm")}
+    for name, t in tt.items():
+        if name in dead:
+            assert to[name].tensor_type in (T.IQ1_S, T.F32) and tuple(to[name].shape) == tuple(t.shape)
+            continue
+        assert to[name].tensor_type == t.tensor_type and tuple(to[name].shape) == tuple(t.shape), name
+        np.testing.assert_array_equal(np.asarray(to[name].data), np.asarray(t.data), err_msg=name)

@@ -46,6 +46,7 @@ def write_gguf(ctx, options) -> list[Path]:
     recipe = _recipe_json(ctx)
 
     def text_meta(w):
+        keys.add_model_type(w, [t.shape for t in text.targets])
         keys.add_text_keys(w, tc)
         keys.add_vocab(w, vocab)
         w.add_file_type(int(mixes.file_type(options.mix, type_counts(text))))

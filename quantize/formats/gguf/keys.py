@@ -9,7 +9,6 @@ written for completeness; llama.cpp hard-codes them, see ``quantize.llamacpp_lay
 from __future__ import annotations
 
 import json
-from statistics import NormalDist
 
 from gguf import GGUFWriter
 
@@ -30,11 +29,9 @@ def add_text_keys(w: GGUFWriter, tc: dict) -> None:
     w.add_embedding_length(int(_req(tc, "hidden_size")))
     w.add_block_count(n)
     ff = _req(tc, "intermediate_size")
-    if isinstance(ff, list):
-        # llama.cpp reads feed_forward_length as a key or a per-layer array
-        w.add_feed_forward_length(ff[0] if len(set(ff)) == 1 else [int(x) for x in ff])
-    else:
-        w.add_feed_forward_length(int(ff))
+    # as the config gives it, like the converter: a per-layer list (E4B's config, and any config
+    # transformers >= 5 saves) becomes an array, which llama.cpp reads as well as a single value
+    w.add_feed_forward_length([int(x) for x in ff] if isinstance(ff, list) else int(ff))
     w.add_head_count(int(_req(tc, "num_attention_heads")))
     w.add_head_count_kv(int(_req(tc, "num_key_value_heads")))
     w.add_layer_norm_rms_eps(float(tc.get("rms_norm_eps", 1e-6)))
@@ -58,8 +55,31 @@ def add_text_keys(w: GGUFWriter, tc: dict) -> None:
     w.add_embedding_length_per_layer_input(int(_req(tc, "hidden_size_per_layer_input")))
     w.add_shared_kv_layers(int(tc.get("num_kv_shared_layers", 0) or 0))
     pattern = tc.get("activation_sparsity_pattern") or [0.0] * n
-    # the converter writes icdf(p) (0 for p = 0: ``Normal.icdf(0)`` is -inf, llama.cpp ignores it)
-    w.add_activation_sparsity_scale([NormalDist().inv_cdf(p) if 0 < p < 1 else 0.0 for p in pattern])
+    w.add_activation_sparsity_scale(sparsity_scales(pattern))
+
+
+def sparsity_scales(pattern) -> list[float]:
+    """The standard normal's quantile of each layer's sparsity, computed as the converter does
+    (``torch.distributions.Normal(0, 1).icdf`` on a float32 tensor), so the bits agree: -inf
+    for a dense layer (p = 0), which llama.cpp reads as "no sparsity" (it hard-codes E2B/E4B's
+    pattern in any case, see ``quantize.llamacpp_layout``)."""
+    import torch
+
+    normal = torch.distributions.normal.Normal(0, 1)
+    return [normal.icdf(torch.tensor(float(p), dtype=torch.float32)).item() for p in pattern]
+
+
+def add_model_type(w: GGUFWriter, shapes) -> None:
+    """``general.type`` and ``general.size_label`` as the converter writes them: the label from
+    the element count of every tensor in the file (``GGUFWriter.get_total_parameter_count``:
+    the dead k/v placeholders count at their full shapes there too)."""
+    from math import prod
+
+    import gguf
+
+    total = sum(prod(s) for s in shapes)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_size_label(gguf.size_label(total, total, 0, 0))
 
 
 def add_vocab(w: GGUFWriter, vocab) -> None:
