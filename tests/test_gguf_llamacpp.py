@@ -286,7 +286,7 @@ def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
     KV-shared layers' dead k/v, which we write as zero IQ1_S placeholders (test_gguf.py)."""
     from gguf import GGMLQuantizationType as T
 
-    from tests.llamacpp_converter import ConverterUnavailable, convert
+    from llamacpp_converter import ConverterUnavailable, convert  # tests/ is on sys.path (rootdir-less)
 
     folder = _as_google_publishes(tiny_random, tmp_path / "gemma-tiny")
     try:
