@@ -269,6 +269,14 @@ def _as_google_publishes(src, dst):
     cfg["added_tokens_decoder"] = {str(i): {k: t[k] for k in keys if k in t} for i, t in sorted(added.items())}
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     (dst / "added_tokens.json").write_text(json.dumps({"<extra_token>": 100}))
+    # Google's model card front matter and sampling defaults (abridged)
+    (dst / "README.md").write_text(
+        "---\nlicense: gemma\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n"
+        "base_model: google/gemma-3n-E4B\ntags:\n- automatic-speech-recognition\n- video-text-to-text\n---\n"
+        "# Gemma 3n model card\n")
+    gen = json.loads((dst / "generation_config.json").read_text())
+    gen.update(do_sample=True, top_k=64, top_p=0.95, cache_implementation="hybrid")
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return dst
 
 
@@ -283,17 +291,23 @@ def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
     """Against llama.cpp's own convert_hf_to_gguf.py (the installed llama-cpp-python's): the same
     metadata key for key (ours adds only its ``quantize.*`` provenance and names the model after
     the recipe), the same vocabulary token for token, and every tensor bit for bit, except the
-    KV-shared layers' dead k/v, which we write as zero IQ1_S placeholders (test_gguf.py)."""
+    KV-shared layers' dead k/v, which we write as zero IQ1_S placeholders (test_gguf.py).
+    The converter runs on a clone named after the repository, ours on the same files in the hub
+    cache's layout (a folder named by commit), as a hub id is read."""
+    import shutil
+
     from gguf import GGMLQuantizationType as T
 
     from llamacpp_converter import ConverterUnavailable, convert  # tests/ is on sys.path (rootdir-less)
 
-    folder = _as_google_publishes(tiny_random, tmp_path / "gemma-tiny")
+    folder = _as_google_publishes(tiny_random, tmp_path / "gemma-3n-E4B-it")
+    snapshot = tmp_path / "hub" / "models--google--gemma-3n-E4B-it" / "snapshots" / "0123456789abcdef"
+    shutil.copytree(folder, snapshot)
     try:
         theirs = convert(folder, tmp_path / "theirs.gguf")
     except ConverterUnavailable as e:
         pytest.skip(str(e))
-    ours = _export(folder, tmp_path / "ours", "F32")
+    ours = _export(snapshot, tmp_path / "ours", "F32")
     (fo, to), (ft, tt) = _fields(ours), _fields(theirs)
 
     assert fo["general.name"] == "t"  # the recipe's name; the converter titles the folder's
@@ -306,6 +320,10 @@ def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
     tokens, types = ref["tokenizer.ggml.tokens"], ref["tokenizer.ggml.token_type"]
     assert (tokens[4], types[4]) == ("<mask>", 3) and (tokens[4098], types[4098]) == ("<unused_vision_0>", 3)
     assert (tokens[4099], types[4099]) == ("  x", 4) and (tokens[100], types[100]) == ("<extra_token>", 4)
+    # the model card's and generation config's keys, and the folder name's heuristics
+    assert ref["general.license"] == "gemma" and ref["general.sampling.top_k"] == 64
+    assert ref["general.basename"] == "gemma" and ref["general.finetune"] == "3n-E4B-it"  # from the repository's name
+    assert ref["general.type"] == "model"
 
     assert sorted(to) == sorted(tt)
     first_shared = 25 - 5

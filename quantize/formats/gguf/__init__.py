@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from quantize.formats.gguf import keys, mixes
+from quantize.formats.gguf.general import add_general
 from quantize.formats.gguf.vocab import load_vocab
 from quantize.formats.gguf.writer import GGUFPlan, code_sources, plan_text, type_counts, write_plan
 
@@ -46,7 +47,7 @@ def write_gguf(ctx, options) -> list[Path]:
     recipe = _recipe_json(ctx)
 
     def text_meta(w):
-        keys.add_model_type(w, [t.shape for t in text.targets])
+        add_general(w, ctx.source.checkpoint.folder, keys.model_name(ctx.provenance, recipe), [t.shape for t in text.targets])
         keys.add_text_keys(w, tc)
         keys.add_vocab(w, vocab)
         w.add_file_type(int(mixes.file_type(options.mix, type_counts(text))))

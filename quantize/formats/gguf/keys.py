@@ -69,19 +69,6 @@ def sparsity_scales(pattern) -> list[float]:
     return [normal.icdf(torch.tensor(float(p), dtype=torch.float32)).item() for p in pattern]
 
 
-def add_model_type(w: GGUFWriter, shapes) -> None:
-    """``general.type`` and ``general.size_label`` as the converter writes them: the label from
-    the element count of every tensor in the file (``GGUFWriter.get_total_parameter_count``:
-    the dead k/v placeholders count at their full shapes there too)."""
-    from math import prod
-
-    import gguf
-
-    total = sum(prod(s) for s in shapes)
-    w.add_type(gguf.GGUFType.MODEL)
-    w.add_size_label(gguf.size_label(total, total, 0, 0))
-
-
 def add_vocab(w: GGUFWriter, vocab) -> None:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
@@ -92,9 +79,12 @@ def add_vocab(w: GGUFWriter, vocab) -> None:
     w.add_add_space_prefix(False)
 
 
+def model_name(provenance: dict, recipe_json: dict) -> str:
+    """``general.name``: the recipe's name."""
+    return str(provenance.get("recipe") or recipe_json.get("name") or "gemma3n")
+
+
 def add_provenance(w: GGUFWriter, provenance: dict, recipe_json: dict, notes: list[str], warnings: list[str]) -> None:
-    name = str(provenance.get("recipe") or recipe_json.get("name") or "gemma3n")
-    w.add_name(name)
     if provenance.get("model"):
         w.add_string(PREFIX + "source_model", str(provenance["model"]))
     for k, v in sorted(provenance.items()):

@@ -126,6 +126,7 @@ def write_mmproj(ctx, plan: GGUFPlan, recipe_json: dict) -> Path:
 
     def meta(w):
         w.add_type("mmproj")
+        w.add_name(keys.model_name(ctx.provenance, recipe_json))
         w.add_file_type(1 if f16 else 0)
         w.add_clip_has_vision_encoder(True)
         w.add_clip_has_audio_encoder(False)

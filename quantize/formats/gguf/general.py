@@ -1,0 +1,63 @@
+"""The text GGUF's ``general.*`` keys, derived from the model folder as llama.cpp's converter does.
+
+``convert_hf_to_gguf.py`` fills them with ``gguf.Metadata``: the model card's front matter
+(README.md: license, base model, tags, languages, ...), ``generation_config.json``'s sampling
+defaults (``general.sampling.top_k`` / ``top_p`` / ``temp``, which llama.cpp's ``common`` uses in
+place of its own defaults: Gemma 3n's top_k 64 instead of 40), and the folder's name (basename,
+finetune, size label such as ``E4B``); the size label otherwise from the tensors' element count.
+We call the same code, so the keys are the converter's (tests/test_gguf_llamacpp.py), except the
+name, which is the recipe's.
+
+A model given as a hub id is read from the hub cache, whose folder is named by commit
+(``models--google--gemma-3n-E4B-it/snapshots/<sha>``); the converter is run on a clone named
+after the repository, so the name heuristics are given that name (through a link to the folder).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from math import prod
+from pathlib import Path
+
+import gguf
+from gguf import GGUFWriter
+
+log = logging.getLogger(__name__)
+
+
+def _repo_name(folder: Path) -> str | None:
+    """``gemma-3n-E4B-it`` for a hub cache snapshot folder of ``google/gemma-3n-E4B-it``."""
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--") and repo.count("--") >= 2:
+        return repo.split("--", 2)[2]
+    return None
+
+
+def _metadata(folder: Path, name: str, total: int) -> gguf.Metadata:
+    repo = _repo_name(folder)
+    if repo is None:
+        return gguf.Metadata.load(None, folder, name, total)
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / repo
+        try:
+            os.symlink(folder, link, target_is_directory=True)
+        except OSError:  # no symlinks here (Windows without the privilege): the commit's name then
+            return gguf.Metadata.load(None, folder, name, total)
+        return gguf.Metadata.load(None, link, name, total)
+
+
+def add_general(w: GGUFWriter, folder: str | Path, name: str, shapes) -> None:
+    """``general.type``, the model card's and generation config's keys, the name and size label.
+    ``shapes``: every tensor the file holds (``GGUFWriter.get_total_parameter_count`` counts the
+    dead k/v placeholders at their full shapes too)."""
+    total = sum(prod(s) for s in shapes)
+    try:
+        md = _metadata(Path(folder), name, total)
+    except Exception as e:  # a model card whose front matter is not YAML: keep the GGUF, lose its card keys
+        log.warning("%s: model card not read (%s); the GGUF gets no license, tags or sampling defaults", folder, e)
+        md = gguf.Metadata(name=name)
+    if md.size_label is None and total > 0:
+        md.size_label = gguf.size_label(total, total, 0, 0)
+    w.add_type(gguf.GGUFType.MODEL)
+    md.set_gguf_meta_model(w)
