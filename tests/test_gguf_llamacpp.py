@@ -287,7 +287,21 @@ def _fields(path) -> dict:
     return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}, {t.name: t for t in r.tensors}
 
 
-def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
+@pytest.fixture(scope="module")
+def converted(tiny_random, tmp_path_factory):
+    """(a Google-layout copy of the tiny model named after E4B's repository, llama.cpp's
+    converter's F32 GGUF of it)."""
+    from llamacpp_converter import ConverterUnavailable, convert  # tests/ is on sys.path (rootdir-less)
+
+    tmp = tmp_path_factory.mktemp("converted")
+    folder = _as_google_publishes(tiny_random, tmp / "gemma-3n-E4B-it")
+    try:
+        return folder, convert(folder, tmp / "theirs-F32.gguf")
+    except ConverterUnavailable as e:
+        pytest.skip(str(e))
+
+
+def test_f32_export_is_llamacpps_converter_output(converted, tmp_path):
     """Against llama.cpp's own convert_hf_to_gguf.py (the installed llama-cpp-python's): the same
     metadata key for key (ours adds only its ``quantize.*`` provenance and names the model after
     the recipe), the same vocabulary token for token, and every tensor bit for bit, except the
@@ -298,15 +312,9 @@ def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
 
     from gguf import GGMLQuantizationType as T
 
-    from llamacpp_converter import ConverterUnavailable, convert  # tests/ is on sys.path (rootdir-less)
-
-    folder = _as_google_publishes(tiny_random, tmp_path / "gemma-3n-E4B-it")
+    folder, theirs = converted
     snapshot = tmp_path / "hub" / "models--google--gemma-3n-E4B-it" / "snapshots" / "0123456789abcdef"
     shutil.copytree(folder, snapshot)
-    try:
-        theirs = convert(folder, tmp_path / "theirs.gguf")
-    except ConverterUnavailable as e:
-        pytest.skip(str(e))
     ours = _export(snapshot, tmp_path / "ours", "F32")
     (fo, to), (ft, tt) = _fields(ours), _fields(theirs)
 
@@ -326,11 +334,52 @@ def test_f32_export_is_llamacpps_converter_output(tiny_random, tmp_path):
     assert ref["general.type"] == "model"
 
     assert sorted(to) == sorted(tt)
-    first_shared = 25 - 5
-    dead = {f"blk.{i}.{n}.weight" for i in range(first_shared, 25) for n in ("attn_k", "attn_v", "attn_k_norm")}
     for name, t in tt.items():
-        if name in dead:
+        if name in _dead_kv():
             assert to[name].tensor_type in (T.IQ1_S, T.F32) and tuple(to[name].shape) == tuple(t.shape)
             continue
         assert to[name].tensor_type == t.tensor_type and tuple(to[name].shape) == tuple(t.shape), name
         np.testing.assert_array_equal(np.asarray(to[name].data), np.asarray(t.data), err_msg=name)
+
+
+def _dead_kv(n_layer=25, n_shared=5) -> set[str]:
+    return {f"blk.{i}.{n}.weight" for i in range(n_layer - n_shared, n_layer) for n in ("attn_k", "attn_v", "attn_k_norm")}
+
+
+@pytest.mark.parametrize("mix", ["Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
+def test_named_mix_is_llamacpps_file(converted, tmp_path, mix):
+    """``mix: Q4_K_M`` (and the other named mixes) from float weights, no calibration, against
+    llama.cpp's own route: its converter's F32 file through ``llama_model_quantize`` (its tensor
+    type rules, ggml's encoders). Every tensor the same type and bytes, except: what llama.cpp
+    never quantizes (AltUp, LAuReL, per-layer projections...) stays in the input file's type,
+    F32 here, which we write as F16 (the converter's default outtype) and which must be exactly
+    its rounding; the dead k/v placeholders."""
+    import ctypes
+
+    from gguf import GGUFReader
+
+    folder, f32 = converted
+    theirs = tmp_path / f"theirs-{mix}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = 2
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours = _export(folder, tmp_path / "ours", mix, towers=KEEP_ALL)
+
+    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    ref = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert sorted(mine) == sorted(ref)
+    rounded = same = 0
+    for name, t in ref.items():
+        if name in _dead_kv():
+            continue
+        a, b = np.asarray(mine[name].data), np.asarray(t.data)
+        if mine[name].tensor_type == t.tensor_type:
+            assert np.array_equal(a, b), name
+            same += 1
+        else:
+            assert (mine[name].tensor_type.name, t.tensor_type.name) == ("F16", "F32"), name
+            np.testing.assert_array_equal(a, b.astype(np.float16), err_msg=name)
+            rounded += 1
+    quantized = sum(1 for n, t in ref.items() if n not in _dead_kv() and t.tensor_type.name not in ("F32", "F16"))
+    assert quantized >= 100 and same >= quantized and rounded >= 50, (quantized, same, rounded)
