@@ -527,3 +527,20 @@ def test_a_model_card_that_is_not_yaml_costs_only_its_keys(tiny_random, tmp_path
     assert _field(r, "general.name") == "t" and _field(r, "general.type") == "model"
     assert "general.license" not in r.fields and "general.size_label" in r.fields
     assert any(str(folder) in m and "model card not read" in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("added_tokens.json", '["<x>"]', r"added_tokens.json: expected an object of token -> integer id"),
+    ("added_tokens.json", '{"<x>": 99999}', r"added_tokens.json: token '<x>' has id 99999 >= vocab_size 4352"),
+    ("tokenizer_config.json", "{not json", r"tokenizer_config.json: not valid JSON"),
+])
+def test_bad_tokenizer_files_name_the_file(tiny_random, tmp_path, name, text, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_random, folder)
+    (folder / name).write_text(text)
+    ctx, opts = make_ctx(folder, tmp_path / "out", "F32")
+    with pytest.raises(ExportError, match=message):
+        write_gguf(ctx, opts)
+    assert not list(tmp_path.glob("out/*.gguf*"))  # the vocabulary is read before anything is written
