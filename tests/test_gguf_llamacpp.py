@@ -339,7 +339,11 @@ def test_f32_export_is_llamacpps_converter_output(converted, tmp_path):
             assert to[name].tensor_type in (T.IQ1_S, T.F32) and tuple(to[name].shape) == tuple(t.shape)
             continue
         assert to[name].tensor_type == t.tensor_type and tuple(to[name].shape) == tuple(t.shape), name
-        np.testing.assert_array_equal(np.asarray(to[name].data), np.asarray(t.data), err_msg=name)
+        a, b = np.asarray(to[name].data), np.asarray(t.data)
+        if name == "per_layer_token_embd.weight":  # the converter pads zeros; we pad row 0 (see below)
+            a, b = a[:4096], b[:4096]
+            np.testing.assert_array_equal(np.asarray(to[name].data)[4096:], np.broadcast_to(a[0], (4352 - 4096, a.shape[1])))
+        np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def _dead_kv(n_layer=25, n_shared=5) -> set[str]:
@@ -374,6 +378,9 @@ def test_named_mix_is_llamacpps_file(converted, tmp_path, mix):
         if name in _dead_kv():
             continue
         a, b = np.asarray(mine[name].data), np.asarray(t.data)
+        if name == "per_layer_token_embd.weight":  # padded with row 0 by us, with zeros by the converter
+            assert np.array_equal(a[4096:], np.broadcast_to(a[0], a[4096:].shape))
+            a, b = a[:4096], b[:4096]
         if mine[name].tensor_type == t.tensor_type:
             assert np.array_equal(a, b), name
             same += 1
@@ -383,3 +390,47 @@ def test_named_mix_is_llamacpps_file(converted, tmp_path, mix):
             rounded += 1
     quantized = sum(1 for n, t in ref.items() if n not in _dead_kv() and t.tensor_type.name not in ("F32", "F16"))
     assert quantized >= 100 and same >= quantized and rounded >= 50, (quantized, same, rounded)
+
+
+def test_multimodal_tokens_get_the_per_layer_input_transformers_gives_them(tiny_trained, tmp_path):
+    """mtmd types ``<end_of_image>`` after every image; like the other multimodal slots it lies past
+    the per-layer table (``vocab_size_per_layer_input``), where transformers reads row 0 (the pad
+    token's) and llama.cpp reads the GGUF's own padded row. Their main embeddings differ too
+    (transformers embeds them through ``embed_vision`` / ``embed_audio``, llama.cpp through the tied
+    token table, which we leave as the checkpoint has it: it is also the output layer), so this
+    model's table rows for them are set to those embeddings (divided by the sqrt(hidden) scale both
+    apply); then the per-layer rows are the only difference, and the F32 export must match
+    transformers at every position."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3nForConditionalGeneration
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_trained, folder)
+    eoi, eoa = 4096, 4096 + 128  # <end_of_image>, <end_of_audio>
+    model = Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        hard = {eoi: model.model.embed_vision(input_ids=torch.tensor([eoi]))[0],
+                eoa: model.model.embed_audio(input_ids=torch.tensor([eoa]))[0]}
+    scale = model.model.language_model.embed_tokens.embed_scale.item()
+    assert scale == 16.0  # sqrt(256): dividing by it is exact
+    del model
+    weights = load_file(str(folder / "model.safetensors"))
+    table = weights["model.language_model.embed_tokens.weight"]
+    for i, v in hard.items():
+        table[i] = v / scale
+    # nn.Embedding(padding_idx=0) starts the pad row at zero and the tiny model's per-layer table is
+    # never trained, so its row 0 is zero, as the converter's padding; a trained checkpoint's need not be
+    per_layer = weights["model.language_model.embed_tokens_per_layer.weight"]
+    assert not per_layer[0].any()
+    per_layer[0] = per_layer[7]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    toks = [2, 300, 301, 302, eoi, 303, 304, 305, 306, eoa, 307, 308, 309, 310]
+    ref = hf_logits(folder, toks)
+    got = llama_logits(_export(folder, tmp_path / "out", "F32"), toks)
+    p, q = _log_softmax(ref), _log_softmax(got)
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    print("per-position KL:", " ".join(f"{x:.1e}" for x in kl))
+    assert kl.max() < 1e-5

@@ -5,6 +5,10 @@ Data only. Names follow ``gguf``'s ``MODEL_TENSORS[GEMMA3N]`` and llama.cpp's co
 
 - ``pad_vocab``: rows padded with zeros up to ``text_config.vocab_size`` (the multimodal token
   slots; llama.cpp needs ``token_embd`` and ``per_layer_token_embd`` at the full vocabulary);
+- ``pad_row0``: the same, padded with copies of row 0 instead: the per-layer table, whose
+  multimodal rows transformers never reads (``get_per_layer_inputs`` maps every id past
+  ``vocab_size_per_layer_input`` to 0, the pad token), while llama.cpp looks a token such as
+  ``<end_of_image>`` up in its own row (the converter pads zeros there, a different input);
 - ``stack``: the three ``altup_projections.{0,1,2}`` (and ``altup_unembed_projections``) become
   one (3, n, n) tensor, index order kept;
 - ``gamma4d``: MobileNetV5 ``layer_scale.gamma`` (and the stem conv bias) written as
@@ -27,7 +31,7 @@ _BLK = _LM + r"layers\.(?P<bid>\d+)\."
 class NameRule:
     pattern: re.Pattern
     gguf: str | None  # None: dropped
-    transform: str = ""  # "", "pad_vocab", "stack", "gamma4d", "drop"
+    transform: str = ""  # "", "pad_vocab", "pad_row0", "stack", "gamma4d", "drop"
     stack_index: int | None = None
 
 
@@ -37,7 +41,7 @@ def _r(p: str, gguf: str | None, transform: str = "") -> NameRule:
 
 TEXT_RULES: tuple[NameRule, ...] = (
     _r(_LM + r"embed_tokens\.weight", "token_embd.weight", "pad_vocab"),
-    _r(_LM + r"embed_tokens_per_layer\.weight", "per_layer_token_embd.weight", "pad_vocab"),
+    _r(_LM + r"embed_tokens_per_layer\.weight", "per_layer_token_embd.weight", "pad_row0"),
     _r(_LM + r"per_layer_model_projection\.weight", "per_layer_model_proj.weight"),
     _r(_LM + r"per_layer_projection_norm\.weight", "per_layer_proj_norm.weight"),
     _r(_LM + r"norm\.weight", "output_norm.weight"),

@@ -48,7 +48,7 @@ class Target:
     choice: mixes.Choice
     transform: str = ""
     layer: int | None = None
-    pad_rows: int = 0  # zero rows appended (vocabulary padding)
+    pad_rows: int = 0  # rows appended (vocabulary padding): zeros, or row 0's bytes for ``pad_row0``
     method: str = "rtn"  # what produced the values: keep, rtn, gptq, awq (quantize.source.computed_method)
     dequantize: bool = False  # pack our dequantized weights rather than the computed model's float weights
 
@@ -116,7 +116,7 @@ def plan_text(ctx, options) -> GGUFPlan:
         else:
             shape = tuple(e0.shape)
         pad = 0
-        if transform == "pad_vocab":
+        if transform in ("pad_vocab", "pad_row0"):
             if shape[0] > vocab_size:
                 raise ExportError(f"{e0.name}: {shape[0]} rows but text_config.vocab_size is {vocab_size}")
             pad = vocab_size - shape[0]
@@ -264,7 +264,8 @@ def packed_chunks(ctx, t: Target):
     A source that can be produced row by row (``TensorSource.row_streamable``: RTN and kept
     tensors) is read, quantized and packed ``STREAM_ELEMENTS`` values at a time, so converting
     a 262144 x 8960 embedding table never holds more than a few hundred MB; results computed
-    ahead (GPTQ) are packed from memory. Padded vocabulary rows come last, as zeros."""
+    ahead (GPTQ) are packed from memory. Padded vocabulary rows come last, as zeros or (``pad_row0``)
+    as copies of the first row's bytes: ggml packs each row on its own, so a copy is that row packed."""
     qtype = t.choice.qtype
     rb = blocks.row_bytes(qtype, t.cols)
     if not t.sources:
@@ -286,12 +287,17 @@ def packed_chunks(ctx, t: Target):
             part = _pack(ctx, src, t, _values(ctx, src, t, rng))
             if part.shape[1] != rb or done + part.shape[0] + t.pad_rows > t.rows:
                 raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {qtype.name} {t.shape}")
+            if done == 0:
+                first = part[:1].copy()
             done += part.shape[0]
             yield part
     if done + t.pad_rows != t.rows:
         raise ExportError(f"{t.gguf}: packed {done} rows (+{t.pad_rows} padding), expected {t.rows} for {t.shape}")
     if t.pad_rows:
-        yield np.zeros((t.pad_rows, rb), np.uint8)
+        if t.transform == "pad_row0":
+            yield np.repeat(first, t.pad_rows, axis=0)
+        else:
+            yield np.zeros((t.pad_rows, rb), np.uint8)
 
 
 class _StreamedTensor:
