@@ -77,12 +77,14 @@ def converter_dir() -> Path:
     return target
 
 
-def convert(model: Path, out: Path, outtype: str = "f32") -> Path:
-    """Run the converter on ``model`` with its own gguf-py; returns ``out``."""
+def convert(model: Path, out: Path, outtype: str = "f32", extra: list[str] = ()) -> Path:
+    """Run the converter on ``model`` with its own gguf-py (``extra``: more flags, ``--mmproj``);
+    returns ``out``."""
     conv = converter_dir()
     env = dict(os.environ, PYTHONPATH=str(conv / "gguf-py"))
     got = subprocess.run(
-        [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype, "--outfile", str(out)],
+        [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model), "--outtype", outtype, "--outfile", str(out),
+         *extra],
         capture_output=True, text=True, env=env, timeout=900,
     )
     if got.returncode != 0:

@@ -269,7 +269,13 @@ def _as_google_publishes(src, dst):
     cfg["added_tokens_decoder"] = {str(i): {k: t[k] for k in keys if k in t} for i, t in sorted(added.items())}
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     (dst / "added_tokens.json").write_text(json.dumps({"<extra_token>": 100}))
-    # Google's model card front matter and sampling defaults (abridged)
+    return _as_google_publishes_card(dst)
+
+
+def _as_google_publishes_card(dst):
+    """Google's model card front matter and sampling defaults (abridged), into folder ``dst``."""
+    import json
+
     (dst / "README.md").write_text(
         "---\nlicense: gemma\nlibrary_name: transformers\npipeline_tag: image-text-to-text\n"
         "base_model: google/gemma-3n-E4B\ntags:\n- automatic-speech-recognition\n- video-text-to-text\n---\n"
@@ -434,3 +440,61 @@ def test_multimodal_tokens_get_the_per_layer_input_transformers_gives_them(tiny_
     kl = (np.exp(p) * (p - q)).sum(-1)
     print("per-position KL:", " ".join(f"{x:.1e}" for x in kl))
     assert kl.max() < 1e-5
+
+
+@pytest.mark.slow
+def test_mmproj_metadata_is_llamacpps_converter_output(tmp_path):
+    """Our vision mmproj against the converter's ``--mmproj`` on the same full-size MobileNetV5
+    (2048-wide tiny text model, Google's model card and sampling defaults; the audio tower removed
+    from the copy, where this converter stops at ``subsample_conv_projection.conv_0.norm``). Every
+    key the same but the name, the size label and audio (ours is vision only: mtmd has no Gemma 3n
+    audio graph; the converter names the projector per modality, ``clip.vision.projector_type``,
+    ours in the key mtmd reads first, ``clip.projector_type``); every vision tensor the same values,
+    the layer-scale gammas 4-D (mtmd's broadcast needs them so: its warm-up fails on the
+    converter's 1-D ones)."""
+    import shutil
+
+    from gguf import GGUFReader
+    from safetensors.torch import load_file, save_file
+
+    from llamacpp_converter import ConverterUnavailable, convert
+    from quantize.tiny import cached_tiny
+
+    folder = tmp_path / "gemma-3n-E4B-it"
+    shutil.copytree(cached_tiny("random", hidden_size=2048, vision_channel_multiplier=1.0), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "audio_tower" not in k}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    del weights
+    _as_google_publishes_card(folder)
+    try:
+        theirs = convert(folder, tmp_path / "theirs-mmproj.gguf", outtype="f16", extra=["--mmproj"])
+    except ConverterUnavailable as e:
+        pytest.skip(str(e))
+    ctx, opts = make_ctx(folder, tmp_path / "ours", "Q8_0", mmproj=True)
+    from quantize.formats.gguf import write_gguf
+
+    _, ours = write_gguf(ctx, opts)
+    (fo, to), (ft, tt) = _fields(ours), _fields(theirs)
+
+    def comparable(f):
+        skip = {"general.name", "general.size_label", "clip.has_audio_encoder", "clip.projector_type",
+                "clip.vision.projector_type"}
+        return {k: v for k, v in f.items() if k not in skip and not k.startswith(("quantize.", "clip.audio."))}
+
+    assert comparable(fo) == comparable(ft)
+    assert fo["clip.projector_type"] == ft["clip.vision.projector_type"] == "gemma3nv"
+    assert fo["general.type"] == "mmproj" and fo["general.license"] == "gemma" and fo["general.sampling.top_k"] == 64
+    assert fo["clip.has_audio_encoder"] is False
+
+    extra = {n for n in tt if n.startswith("mm.a.") or n in ("mm.embedding.weight", "mm.hard_emb_norm.weight")}
+    assert sorted(to) == sorted(set(tt) - extra)  # embedders' hard-token paths: unused by mtmd
+    for name, t in tt.items():
+        if name in extra:
+            continue
+        a, b = np.asarray(to[name].data), np.asarray(t.data)
+        assert to[name].tensor_type == t.tensor_type, name
+        if name.endswith("layer_scale.gamma"):
+            assert a.shape == (1, len(b), 1, 1), name  # numpy order; ggml's ne (1, 1, C, 1)
+            a = a.reshape(-1)
+        np.testing.assert_array_equal(a, b, err_msg=name)

@@ -51,7 +51,6 @@ def write_gguf(ctx, options) -> list[Path]:
         keys.add_text_keys(w, tc)
         keys.add_vocab(w, vocab)
         w.add_file_type(int(mixes.file_type(options.mix, type_counts(text))))
-        w.add_quantization_version(2)
         keys.add_provenance(w, ctx.provenance, recipe, text.notes + [AUDIO_NOTE], text.warnings)
         w.add_string(keys.PREFIX + "mix", options.mix)
 

@@ -47,10 +47,12 @@ def _metadata(folder: Path, name: str, total: int) -> gguf.Metadata:
         return gguf.Metadata.load(None, link, name, total)
 
 
-def add_general(w: GGUFWriter, folder: str | Path, name: str, shapes) -> None:
-    """``general.type``, the model card's and generation config's keys, the name and size label.
-    ``shapes``: every tensor the file holds (``GGUFWriter.get_total_parameter_count`` counts the
-    dead k/v placeholders at their full shapes too)."""
+def add_general(w: GGUFWriter, folder: str | Path, name: str, shapes, kind: str = gguf.GGUFType.MODEL) -> None:
+    """``general.type`` (``kind``: model, or mmproj for the vision file, as the converter's
+    ``MmprojModel`` does the same), the model card's and generation config's keys, the name and
+    size label, and ``general.quantization_version``. ``shapes``: every tensor the file holds
+    (``GGUFWriter.get_total_parameter_count`` counts the dead k/v placeholders at their full
+    shapes too)."""
     total = sum(prod(s) for s in shapes)
     try:
         md = _metadata(Path(folder), name, total)
@@ -59,5 +61,6 @@ def add_general(w: GGUFWriter, folder: str | Path, name: str, shapes) -> None:
         md = gguf.Metadata(name=name)
     if md.size_label is None and total > 0:
         md.size_label = gguf.size_label(total, total, 0, 0)
-    w.add_type(gguf.GGUFType.MODEL)
+    w.add_type(kind)
     md.set_gguf_meta_model(w)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)

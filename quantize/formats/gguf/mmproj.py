@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 from gguf import GGMLQuantizationType as T
 
 from quantize.errors import ExportError
 from quantize.formats.gguf import keys, mixes
+from quantize.formats.gguf.general import add_general
 from quantize.formats.gguf.names import VISION_RULES, require_name
 from quantize.formats.gguf.writer import GGUFPlan, Target, write_plan
 
@@ -125,8 +127,8 @@ def write_mmproj(ctx, plan: GGUFPlan, recipe_json: dict) -> Path:
     f16 = any(t.choice.qtype == T.F16 for t in plan.targets if t.gguf.startswith("v.blk"))
 
     def meta(w):
-        w.add_type("mmproj")
-        w.add_name(keys.model_name(ctx.provenance, recipe_json))
+        add_general(w, ctx.source.checkpoint.folder, keys.model_name(ctx.provenance, recipe_json),
+                    [t.shape for t in plan.targets], kind=gguf.GGUFType.MMPROJ)
         w.add_file_type(1 if f16 else 0)
         w.add_clip_has_vision_encoder(True)
         w.add_clip_has_audio_encoder(False)
