@@ -1,10 +1,11 @@
-"""The text GGUF's ``general.*`` keys, derived from the model folder as llama.cpp's converter does.
+"""The GGUFs' ``general.*`` keys (text and mmproj), derived from the model folder as llama.cpp's converter does.
 
 ``convert_hf_to_gguf.py`` fills them with ``gguf.Metadata``: the model card's front matter
 (README.md: license, base model, tags, languages, ...), ``generation_config.json``'s sampling
 defaults (``general.sampling.top_k`` / ``top_p`` / ``temp``, which llama.cpp's ``common`` uses in
-place of its own defaults: Gemma 3n's top_k 64 instead of 40), and the folder's name (basename,
-finetune, size label such as ``E4B``); the size label otherwise from the tensors' element count.
+place of its own defaults: Gemma 3n's top_k 64 instead of 40), and the folder's name (for
+``gemma-3n-E4B-it``: basename ``gemma``, finetune ``3n-E4B-it``); the size label, where those give
+none, from the tensors' element count.
 We call the same code, so the keys are the converter's (tests/test_gguf_llamacpp.py), except the
 name, which is the recipe's.
 

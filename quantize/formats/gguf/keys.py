@@ -61,8 +61,9 @@ def add_text_keys(w: GGUFWriter, tc: dict) -> None:
 def sparsity_scales(pattern) -> list[float]:
     """The standard normal's quantile of each layer's sparsity, computed as the converter does
     (``torch.distributions.Normal(0, 1).icdf`` on a float32 tensor), so the bits agree: -inf
-    for a dense layer (p = 0), which llama.cpp reads as "no sparsity" (it hard-codes E2B/E4B's
-    pattern in any case, see ``quantize.llamacpp_layout``)."""
+    for a dense layer (p = 0). llama.cpp does not read the key today (it hard-codes E2B/E4B's
+    pattern, see ``quantize.llamacpp_layout``); a reader written against the converter's files
+    will expect these values."""
     import torch
 
     normal = torch.distributions.normal.Normal(0, 1)

@@ -42,6 +42,7 @@ _LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
 
 
 def looks_special(text: str) -> bool:
+    """The converter's ``does_token_look_special``, rule for rule."""
     return (
         text in _LOOKS_SPECIAL
         or (text.startswith("<|") and text.endswith("|>"))
