@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm
+from quantize.methods.rtn import quantize_rtn
 from quantize.schemes import PRESET_SCHEMES, QuantScheme
 from quantize.sequential import LINEARS, SequentialError, quantize_text_decoder, text_linear_name
 
@@ -547,26 +548,46 @@ def held_out_kl(folder, stored=torch.bfloat16):
 def test_bf16_calibration_keeps_fp32_calibrations_quality(tiny_trained):
     """GPTQ calibrated with a bf16 forward on the trained model stored in bf16 is as good as with
     the fp32 forward: the mean KL of its logits from the unquantized model's (fp32 forward of the
-    same bf16 weights) on held-out text is within 10% of the fp32 calibration's, and both are
-    well below RTN's."""
+    same bf16 weights) on held-out text, averaged over four calibration sets of 4 x 128 tokens, is
+    within 25% of the fp32 calibration's, and both are below RTN's. One set is not enough: this
+    fixture's KLs are near its noise floor and one flipped rounding changes GPTQ's later columns,
+    so a single set's bf16/fp32 ratio ranged 0.84-1.53 (and fp32 GPTQ 0.28-1.22x RTN) on a build
+    trained on an AVX2-only CPU; the means: fp32 4.9e-7, bf16 5.3e-7 (1.08x), RTN 7.1e-7."""
+    from transformers import AutoTokenizer
+
+    from calibrate.embedded_text import split_documents
+
     load, mean_kl = held_out_kl(tiny_trained)
-    calib = text_batches(tiny_trained, n=4, tokens=128)
-    kl = {}
-    for key, dtype in (("rtn", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    tok = AutoTokenizer.from_pretrained(tiny_trained)
+    docs = split_documents("calib")
+    sets = []
+    for start in (0, 4, 8, 12):
+        ids = [tok(d.text, return_tensors="pt").input_ids[:, :128] for d in docs[start:start + 4]]
+        sets.append([{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids])
+
+    def run(key, dtype, calib):
         model = load(torch.bfloat16)
         schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4" if key == "rtn" else "int4_gptq"]
                    for i in range(len(model.model.language_model.layers)) for m in existing_linears(model, i)}
-        kl[key] = mean_kl(quantize_text_decoder(model, schemes, calib, progress=False, compute_dtype=dtype).tensors)
-    assert kl["bf16"] <= 1.1 * kl["fp32"], kl
-    assert max(kl["fp32"], kl["bf16"]) < 0.8 * kl["rtn"], kl
+        return mean_kl(quantize_text_decoder(model, schemes, calib, progress=False, compute_dtype=dtype).tensors)
+
+    kl = {"rtn": run("rtn", torch.float32, sets[0])}  # RTN reads no calibration
+    for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        kl[key] = sum(run(key, dtype, calib) for calib in sets) / len(sets)
+    assert kl["bf16"] <= 1.25 * kl["fp32"], kl
+    assert max(kl["fp32"], kl["bf16"]) < 0.9 * kl["rtn"], kl  # 0.70x and 0.76x on that build
 
 
 def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_trained, monkeypatch):
     """With act-order and no more tokens than a quarter of a stage's input width, the engine
     hands GPTQ the stage's input rows (``GramRows``, low-rank GPTQ, no n x n Hessian): every
     linear here (64 tokens; inputs 256 and 512 wide). Their second moment is the Hessian the
-    dense run (LOW_RANK_DIVISOR made huge) hands GPTQ for the same linear, and the quantized
-    model's held-out KL is the dense run's within float32's noise, well below RTN's."""
+    dense run (LOW_RANK_DIVISOR made huge) hands GPTQ for the same linear, the quantized
+    model's held-out KL is the dense run's within float32's noise, and GPTQ did its job: its
+    error on the calibration inputs, sum over linears of tr(dW H dW^T), is well below RTN's on
+    the same inputs. (Not held-out KL against RTN: 64 tokens for 256-wide inputs overfit, and
+    whether GPTQ then beats RTN on held-out text depends on the model instance: 0.2x on one
+    build of the tiny model, 1.5x on another, trained on an AVX2-only CPU.)"""
     import quantize.sequential as seq
     from quantize.methods.stats import GramRows
 
@@ -574,7 +595,7 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
     calib = text_batches(tiny_trained, n=2, tokens=32)
     real = seq.gptq_quantize
     got: dict[str, dict] = {"rows": {}, "dense": {}}  # run -> name -> (given rows?, the H they define)
-    kl = {}
+    kl, codes = {}, {}
     for key, divisor in (("rows", seq.LOW_RANK_DIVISOR), ("dense", 10**9)):
         def spy(name, weight, hessian, scheme, key=key, **kw):
             rows = isinstance(hessian, GramRows)
@@ -590,6 +611,7 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
         res = quantize_text_decoder(model, schemes, calib, progress=False)
         assert not any("fallback" in qt.info for qt in res.tensors.values())
         kl[key] = mean_kl(res.tensors)
+        codes[key] = res.tensors
     names = list(got["rows"])
     assert names and all(got["rows"][n][0] for n in names)
     assert not any(got["dense"][n][0] for n in names)
@@ -599,10 +621,17 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
         d = got["dense"][n][1]
         torch.testing.assert_close(got["rows"][n][1], d, rtol=1e-4, atol=1e-6 * float(d.abs().max()))
     # one flipped rounding changes every later column's feedback: the two runs' KL differ by
-    # float32's noise (8.6% here, the rows run the lower), not by the path
-    schemes = {n: PRESET_SCHEMES["int4"] for n in names}
-    kl["rtn"] = mean_kl(quantize_text_decoder(load(torch.float32), schemes, calib, progress=False).tensors)
-    assert kl["rows"] <= 1.15 * kl["dense"] and max(kl["rows"], kl["dense"]) < 0.8 * kl["rtn"], kl
+    # float32's noise (8.6% and 0.9% on two builds of the tiny model), not by the path
+    assert kl["rows"] <= 1.15 * kl["dense"], kl
+    weights = dict(load(torch.float32).named_parameters())
+
+    def calib_error(qt, name):
+        dw = (qt.dequantize().to(torch.float64) - weights[name].detach().to(torch.float64))
+        return float(torch.einsum("ij,jk,ik->", dw, got["rows"][name][1].to(torch.float64), dw))
+
+    gptq = sum(calib_error(codes["rows"][n], n) for n in names)
+    rtn = sum(calib_error(quantize_rtn(n, weights[n].detach(), PRESET_SCHEMES["int4"]), n) for n in names)
+    assert gptq < 0.1 * rtn, (gptq, rtn)  # measured 8e-4 x: 64 tokens span little of each input space
 
 
 def assert_stage_hessians_are_second_moments(model, pristine, layers, res, got, batches):
