@@ -40,6 +40,19 @@ def _recipe(model, tmp_path, text_tower, kv_fp8: bool):
     return Recipe.model_validate(data)
 
 
+def _bf16_decoder_recipe(folder, tmp_path):
+    """A recipe for the decoder's compute dtype alone: GPTQ act-order text, text-only calibration,
+    the towers kept (their statistics would run bf16 convolutions, which take many minutes on a
+    CPU without bf16 instructions; pipeline._tower_upcast)."""
+    from calibrate.config import CalibrationConfig
+    from quantize.recipe import Recipe
+
+    data = _recipe(folder, tmp_path, {"preset": "int4_gptq", "act_order": True}, False).model_dump(mode="json", exclude_none=True)
+    data["towers"] = {**TOWERS, "vision": "keep", "audio": "keep"}
+    data["calibration"] = CalibrationConfig.model_validate({"text": CALIBRATION["text"]}).model_dump(mode="json", exclude_none=True)
+    return Recipe.model_validate(data)
+
+
 def _whole_model_calibration(recipe, ckpt, plan, multimodal: bool = True):
     """The reference: the whole model loaded by transformers, as pipeline._calibrate did."""
     from transformers import Gemma3nForConditionalGeneration
@@ -224,12 +237,10 @@ def test_bf16_compute_dtype_streams_as_the_whole_bf16_model(tiny_trained, tmp_pa
     """``compute_dtype: bfloat16`` reaches the engine through the streamed pipeline: on a
     bf16-stored checkpoint its codes equal the whole bf16 model's run through the engine in
     bf16, bit for bit, and differ from the float32 calibration's (the key is read)."""
-    from calibrate.config import CalibrationConfig
     from quantize.pipeline import prepare
 
     folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
-    base = _recipe(folder, tmp_path, {"preset": "int4_gptq", "act_order": True}, False)
-    base = base.model_copy(update={"calibration": CalibrationConfig.model_validate({"text": CALIBRATION["text"]})})
+    base = _bf16_decoder_recipe(folder, tmp_path)
     recipe = base.model_copy(update={"compute_dtype": "bfloat16"})
     ckpt, plan = prepare(recipe)
     _, want, _ = _whole_model_calibration(recipe, ckpt, plan, multimodal=False)
@@ -275,13 +286,11 @@ def test_auto_compute_dtype_is_bf16_where_the_hardware_has_it(tiny_trained, tmp_
     not (codes and scales bit for bit; ``quantize.device.native_bf16`` answered both ways), and
     the calibration record says which was used and why. Where an explicit bfloat16 would be
     refused (a float32 checkpoint, AWQ) auto is float32 whatever the hardware."""
-    from calibrate.config import CalibrationConfig
     from quantize import device
     from quantize.pipeline import prepare, resolve_compute_dtype
 
     folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
-    base = _recipe(folder, tmp_path, {"preset": "int4_gptq", "act_order": True}, False)
-    base = base.model_copy(update={"calibration": CalibrationConfig.model_validate({"text": CALIBRATION["text"]})})
+    base = _bf16_decoder_recipe(folder, tmp_path)
     auto = base.model_copy(update={"compute_dtype": "auto"})
     ckpt, plan = prepare(auto)
     for native, explicit in ((True, "bfloat16"), (False, "float32")):
@@ -330,3 +339,40 @@ def test_native_bf16_needs_onednn(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     ok, why = native_bf16(torch.device("cpu"), {"avx512f", "avx512_bf16"})
     assert not ok and "no oneDNN" in why
+
+
+def test_towers_of_a_bf16_checkpoint_calibrate_in_float32_without_bf16_hardware(tiny_trained, tmp_path, monkeypatch):
+    """The towers' statistics forward of a bf16 checkpoint: float32 where the CPU lacks bf16
+    instructions (bf16 convolutions there run in a reference loop: MobileNetV5 over 15 minutes on
+    the tiny model's images), as stored where it has them; the manifest says which and why. The
+    upcast run's statistics are the float32 forward's of the same bf16 weights (transformers'
+    whole model, cast): the vision tower's bit for bit, the audio tower's within 1% in norm (its relative
+    position table is a buffer computed when the skeleton is built, in bf16 there)."""
+    from transformers import Gemma3nForConditionalGeneration
+
+    from calibrate import build_calibration
+    from quantize import device
+    from quantize.pipeline import _tower_upcast, load_processor, prepare
+    from quantize.tower_stats import tower_importance
+
+    assert _tower_upcast(torch.float32) == (False, "the checkpoint is stored in float32")
+    for native in (True, False):
+        monkeypatch.setattr(device, "native_bf16", lambda dev, flags=None, native=native: (native, f"hardware says {native}"))
+        assert _tower_upcast(torch.bfloat16)[0] is (not native)
+
+    folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
+    recipe = _recipe(folder, tmp_path, "keep", False)  # towers only: vision and audio with importance
+    ckpt, plan = prepare(recipe)
+    man, _, got = _calibrate(recipe, ckpt, plan, progress=False, spill=tmp_path / "spill")
+    assert man["tower_compute_dtype"] == {"used": "float32", "why": "float32: hardware says False, and bf16 "
+                                                                    "convolutions would run in a slow reference loop"}
+    torch.manual_seed(recipe.seed)
+    calib = build_calibration(recipe.calibration, load_processor(folder), seed=recipe.seed)
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), dtype=torch.bfloat16).float().eval()
+    want = tower_importance(model, calib.images, calib.audio)
+    assert sorted(got) == sorted(want) and any(".vision_tower." in n for n in got) and any(".audio_tower." in n for n in got)
+    for name, v in want.items():
+        if ".vision_tower." in name:
+            assert torch.equal(got[name], v), name
+        else:
+            assert float((got[name] - v).norm() / v.norm()) < 1e-2, name
