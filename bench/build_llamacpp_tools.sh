@@ -16,17 +16,12 @@ JOBS="${JOBS:-2}"
 VER="$(python -c 'import llama_cpp; print(llama_cpp.__version__)')"
 mkdir -p "$CACHE_DIR"
 CACHE_DIR="$(cd "$CACHE_DIR" && pwd)"
-SRC="$CACHE_DIR/llama_cpp_python-$VER"
-
 if [[ -n "${LLAMACPP_SDIST_DIR:-}" ]]; then
-    SRC="$LLAMACPP_SDIST_DIR"
-elif [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
-    echo "downloading llama-cpp-python==$VER sdist"
-    pip download --no-deps --no-binary :all: \
-        -d "$CACHE_DIR/dl" "llama-cpp-python==$VER"
-    tar -xzf "$CACHE_DIR"/dl/llama_cpp_python-"$VER".tar.gz -C "$CACHE_DIR"
+    LLAMA="$LLAMACPP_SDIST_DIR/vendor/llama.cpp"
+else
+    # bench/llamacpp_sources.py: the one downloader of the sdist (tests' converter uses it too)
+    LLAMA="$(python "$(dirname "$0")/llamacpp_sources.py" "$CACHE_DIR/llama.cpp-$VER")"
 fi
-LLAMA="$SRC/vendor/llama.cpp"
 [[ -f "$LLAMA/CMakeLists.txt" ]] || { echo "no llama.cpp sources at $LLAMA" >&2; exit 1; }
 
 BUILD="$CACHE_DIR/build-$VER"

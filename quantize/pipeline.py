@@ -323,7 +323,7 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
     from quantize.memory import release_free_memory
     from quantize.sequential import quantize_text_decoder
     from quantize.spill import SpilledTensors
-    from quantize.streamed_model import EMBEDDERS, TOWERS, StreamedModel
+    from quantize.streamed_model import StreamedModel
     from quantize.tower_stats import tower_importance
 
     check_transformers()  # before minutes of loading: the engine relies on transformers internals
@@ -339,25 +339,20 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
     importance: dict = {}
     manifest = dict(calib.manifest)
     towers = {e.tower for e in plan.entries if _tower_calibrated(e)}
-    upcast, why = _tower_upcast(streamed.dtype)
-    if towers and streamed.dtype == torch.bfloat16:  # the choice the manifest must state (float32 has none)
-        manifest["tower_compute_dtype"] = {"used": "float32" if upcast else "bfloat16", "why": why}
+    if towers:
+        tower_dtype, why = _tower_dtype(streamed.dtype)
+        if streamed.dtype == torch.bfloat16:  # the choice the manifest must state (float32 has none)
+            manifest["tower_compute_dtype"] = {"used": str(tower_dtype).split(".")[-1], "why": why}
     for tower in sorted(towers):
         log.info("collecting activation statistics of the %s tower (%s)", tower, why)
-        streamed.load_tower(tower)
-        parts = [model.get_submodule(m) for m in (TOWERS[tower], EMBEDDERS[tower])]
+        streamed.load_tower(tower, dtype=tower_dtype)
         try:
-            if upcast:
-                for part in parts:
-                    part.float()
             importance.update(tower_importance(
                 model,
                 calib.images if tower == "vision" else None,
                 calib.audio if tower == "audio" else None,
             ))
         finally:
-            if upcast:
-                parts[1].to(streamed.dtype)  # the embedder serves the decoder's batches: back, exactly
             streamed.release_tower(tower)
 
     result = None
@@ -380,21 +375,21 @@ def _calibrate(recipe: Recipe, ckpt: Checkpoint, plan: Plan, progress: bool, spi
     return manifest, result, importance
 
 
-def _tower_upcast(dtype) -> tuple[bool, str]:
-    """Whether the vision/audio towers' statistics forward upcasts a bf16 checkpoint to float32,
-    and why. The towers run on the CPU; without bf16 instructions torch runs bf16 convolutions in
-    a slow reference loop (MobileNetV5 on the tiny model's few images: over 15 minutes on an
-    AVX2-only CPU, against seconds in float32)."""
+def _tower_dtype(dtype):
+    """The dtype the vision/audio towers' statistics forward runs in, and why: as stored, but
+    float32 for a bf16 checkpoint on a CPU without bf16 instructions, where torch runs bf16
+    convolutions in a slow reference loop (MobileNetV5 on the tiny model's few images: over 15
+    minutes on an AVX2-only CPU, against seconds in float32)."""
     import torch
 
     from quantize.device import native_bf16
 
     if dtype != torch.bfloat16:
-        return False, f"the checkpoint is stored in {str(dtype).split('.')[-1]}"
+        return dtype, f"the checkpoint is stored in {str(dtype).split('.')[-1]}"
     native, why = native_bf16(torch.device("cpu"))
     if native:
-        return False, f"bfloat16 as stored: {why}"
-    return True, f"float32: {why}, and bf16 convolutions would run in a slow reference loop"
+        return dtype, f"bfloat16 as stored: {why}"
+    return torch.float32, f"float32: {why}, and bf16 convolutions would run in a slow reference loop"
 
 
 # What AutoProcessor reads: a tokenizer (either file) and the processor's own config (either file).

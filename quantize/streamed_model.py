@@ -83,6 +83,8 @@ class StreamedModel:
         from transformers import AutoConfig, Gemma3nForConditionalGeneration
 
         self.ckpt = ckpt
+        self._tower_dtypes: dict[str, torch.dtype] = {}  # towers loaded in a dtype other than self.dtype
+        self._skeleton_dtypes: dict[str, torch.dtype] = {}  # what _load materialised in another dtype
         config = AutoConfig.from_pretrained(str(ckpt.folder))
         self.dtype = dtype or _auto_dtype(ckpt, config)
         # include_buffers=False: buffers are computed from the config in __init__ (rotary
@@ -112,11 +114,21 @@ class StreamedModel:
         for prefix in FINAL:
             self._load(prefix)
 
-    def load_tower(self, tower: str) -> None:
-        self._load(TOWERS[tower])
+    def load_tower(self, tower: str, dtype: torch.dtype | None = None) -> None:
+        """Materialise ``tower`` ("vision", "audio"), in ``dtype`` if given (its weights are read
+        straight into it; its embedder, which the tower's features pass through and which is
+        always loaded, is cast along until ``release_tower``)."""
+        self._load(TOWERS[tower], dtype=dtype)
+        if dtype is not None and dtype != self.dtype:
+            self.model.get_submodule(EMBEDDERS[tower]).to(dtype)
+            self._tower_dtypes[tower] = dtype
 
     def release_tower(self, tower: str) -> None:
         self._release(TOWERS[tower])
+        if self._tower_dtypes.pop(tower, None) is not None:
+            # the embedder serves every decoder batch: back to the stored dtype (an upcast of it
+            # is undone exactly)
+            self.model.get_submodule(EMBEDDERS[tower]).to(self.dtype)
 
     # -- machinery --------------------------------------------------------------------------
     def _rows(self, name: str, table: nn.Module, ids: torch.Tensor) -> RowTable:
@@ -149,9 +161,10 @@ class StreamedModel:
             absent = not any(n.startswith(prefix + ".") for n in self.ckpt.tensors)
             self._load(prefix, zeros_if_absent=absent and not used)
 
-    def _load(self, prefix: str, zeros_if_absent: bool = False) -> None:
+    def _load(self, prefix: str, zeros_if_absent: bool = False, dtype: torch.dtype | None = None) -> None:
         """Materialise every parameter under ``prefix`` (and any persistent buffer the checkpoint
-        stores) from the checkpoint, in the dtype the skeleton declares."""
+        stores) from the checkpoint, in the dtype the skeleton declares, or in ``dtype``: then
+        the floating buffers computed from the config are cast too (``_release`` casts them back)."""
         module = self.model.get_submodule(prefix)
         names = self.ckpt.tensors
         for sub_name, sub in module.named_modules():
@@ -160,8 +173,11 @@ class StreamedModel:
                 if p is None or not p.is_meta:
                     continue
                 key = f"{base}.{pname}"
+                want = dtype or p.dtype
+                if want != p.dtype:
+                    self._skeleton_dtypes[key] = p.dtype
                 if key not in names and zeros_if_absent:
-                    sub._parameters[pname] = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False)
+                    sub._parameters[pname] = nn.Parameter(torch.zeros(p.shape, dtype=want), requires_grad=False)
                     continue
                 if key not in names:
                     raise ModelError(f"{self.ckpt.folder}: tensor {key!r} not found; calibration needs it "
@@ -169,21 +185,38 @@ class StreamedModel:
                 t = self.ckpt.get(key)
                 if tuple(t.shape) != tuple(p.shape):
                     raise ModelError(f"{self.ckpt.folder}: tensor {key!r} has shape {list(t.shape)}, the config gives {list(p.shape)}")
-                sub._parameters[pname] = nn.Parameter(t.to(p.dtype), requires_grad=False)
-            for bname in list(sub._buffers):
+                sub._parameters[pname] = nn.Parameter(t.to(want), requires_grad=False)
+            for bname, b in list(sub._buffers.items()):
+                if b is None:
+                    continue
                 key = f"{base}.{bname}"
+                want = b.dtype
+                if dtype is not None and b.is_floating_point() and b.dtype != dtype:
+                    self._skeleton_dtypes.setdefault(key, b.dtype)
+                    want = dtype
                 if bname not in sub._non_persistent_buffers_set and key in names:
-                    sub._buffers[bname] = self.ckpt.get(key).to(sub._buffers[bname].dtype)
+                    sub._buffers[bname] = self.ckpt.get(key).to(want)
+                elif want != b.dtype:
+                    sub._buffers[bname] = b.to(want)
 
     def _release(self, prefix: str) -> None:
         """Parameters back to meta: their storage is freed once no one else holds it."""
         module = self.model.get_submodule(prefix)
-        for sub in module.modules():
+        for sub_name, sub in module.named_modules():
+            base = f"{prefix}.{sub_name}" if sub_name else prefix
             for pname, p in list(sub._parameters.items()):
                 if p is not None and not p.is_meta:
-                    sub._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                    # meta in the skeleton's dtype, whatever _load materialised it in
+                    skel = self._skeleton_dtypes.pop(f"{base}.{pname}", p.dtype)
+                    sub._parameters[pname] = nn.Parameter(torch.empty(p.shape, dtype=skel, device="meta"),
+                                                          requires_grad=False)
             # Buffers stay real (computed from the config) but go home to the CPU: a layer the
             # engine ran on a GPU must leave nothing there, or device memory grows per layer.
             for bname, b in list(sub._buffers.items()):
-                if b is not None and b.device.type != "cpu":
-                    sub._buffers[bname] = b.cpu()
+                if b is None:
+                    continue
+                if b.device.type != "cpu":
+                    b = sub._buffers[bname] = b.cpu()
+                old = self._skeleton_dtypes.pop(f"{base}.{bname}", None)
+                if old is not None:
+                    sub._buffers[bname] = b.to(old)

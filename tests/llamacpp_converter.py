@@ -3,32 +3,24 @@
 The independent reference for what a GGUF of a Gemma 3n folder should hold (metadata,
 vocabulary, tensor names and values): the converter of exactly the llama.cpp whose runtime the
 tests load our files with. Found in ``$LLAMACPP_SDIST_DIR`` (an unpacked sdist), in the bench's
-tool cache (bench/build_llamacpp_tools.sh), or fetched once with ``pip download`` (a package
-registry, as the install itself; pip's cache usually holds it since the install built it) and
-cached as just the converter, its ``conversion`` package and its gguf-py.
+tool cache (bench/build_llamacpp_tools.sh), or unpacked once by bench/llamacpp_sources.py (the
+one downloader of the sdist) as just the converter, its ``conversion`` package and its gguf-py.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from bench.llamacpp_sources import SourcesUnavailable, unpack_sources, version  # noqa: E402
+
 KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
-class ConverterUnavailable(RuntimeError):
-    pass
-
-
-def _version() -> str:
-    import llama_cpp
-
-    return llama_cpp.__version__
+ConverterUnavailable = SourcesUnavailable
 
 
 def _found(llama_dir: Path) -> Path | None:
@@ -39,42 +31,15 @@ def converter_dir() -> Path:
     """The folder holding ``convert_hf_to_gguf.py``, ``conversion/`` and ``gguf-py/``."""
     from quantize.tiny import default_cache_dir
 
-    ver = _version()
+    ver = version()
     env = os.environ.get("LLAMACPP_SDIST_DIR")
     for cand in ([Path(env) / "vendor" / "llama.cpp"] if env else []) + [
-        ROOT / ".cache" / "llama.cpp-tools" / f"llama_cpp_python-{ver}" / "vendor" / "llama.cpp",
+        ROOT / ".cache" / "llama.cpp-tools" / f"llama.cpp-{ver}",
         default_cache_dir() / f"llama-cpp-converter-{ver}",
     ]:
         if _found(cand):
             return cand
-    target = default_cache_dir() / f"llama-cpp-converter-{ver}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        got = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-             f"llama-cpp-python=={ver}"],
-            capture_output=True, text=True, timeout=900,
-        )
-        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if got.returncode != 0 or not sdists:
-            raise ConverterUnavailable(f"pip download llama-cpp-python=={ver} failed: {got.stderr.strip()[-300:]}")
-        prefix = f"{sdists[0].name[:-len('.tar.gz')]}/vendor/llama.cpp/"
-        unpacked = Path(tmp) / "converter"
-        with tarfile.open(sdists[0]) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(KEEP) and (m.isfile() or m.isdir())]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(unpacked, members=members, filter="data")
-        if not _found(unpacked):
-            raise ConverterUnavailable(f"{sdists[0].name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
-        try:
-            os.replace(unpacked, target)  # atomic: a concurrent test process may have won the race
-        except OSError:
-            if not _found(target):
-                raise
-            shutil.rmtree(unpacked, ignore_errors=True)
-    return target
+    return unpack_sources(default_cache_dir() / f"llama-cpp-converter-{ver}", keep=KEEP, marker="convert_hf_to_gguf.py")
 
 
 def convert(model: Path, out: Path, outtype: str = "f32", extra: list[str] = ()) -> Path:

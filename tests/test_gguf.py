@@ -515,21 +515,24 @@ def test_low_bit_kquants_fall_back_and_name_the_file():
     assert file_type("auto", {T.Q2_K: 10, T.F32: 30}) == FT.MOSTLY_Q2_K
 
 
-def test_a_model_card_that_is_not_yaml_costs_only_its_keys(tiny_random, tmp_path, caplog):
+@pytest.mark.parametrize("front_matter", ["license: [gemma\ntags: {\n", "license: 5\ntags: [a]\n"],
+                         ids=["not-yaml", "license-not-text"])
+def test_a_model_card_that_is_not_yaml_costs_only_its_keys(tiny_random, tmp_path, caplog, front_matter):
     """general.* come from the model card's front matter (quantize.formats.gguf.general); one
-    that YAML cannot read is logged and skipped: the GGUF is written, without card keys."""
+    that YAML cannot read, or whose values the keys cannot hold (llama.cpp's converter stops with
+    a TypeError on ``license: 5``), is logged and skipped: the GGUF is written, without card keys."""
     import logging
     import shutil
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_random, folder)
-    (folder / "README.md").write_text("---\nlicense: [gemma\ntags: {\n---\n# card\n")
+    (folder / "README.md").write_text(f"---\n{front_matter}---\n# card\n")
     ctx, opts = make_ctx(folder, tmp_path / "out", "F32")
     with caplog.at_level(logging.WARNING, logger="quantize.formats.gguf.general"):
         (path,) = write_gguf(ctx, opts)
     r = GGUFReader(path)
     assert _field(r, "general.name") == "t" and _field(r, "general.type") == "model"
-    assert "general.license" not in r.fields and "general.size_label" in r.fields
+    assert "general.license" not in r.fields and "general.tags" not in r.fields and "general.size_label" in r.fields
     assert any(str(folder) in m and "model card not read" in m for m in caplog.messages)
 
 

@@ -43,7 +43,7 @@ def _recipe(model, tmp_path, text_tower, kv_fp8: bool):
 def _bf16_decoder_recipe(folder, tmp_path):
     """A recipe for the decoder's compute dtype alone: GPTQ act-order text, text-only calibration,
     the towers kept (their statistics would run bf16 convolutions, which take many minutes on a
-    CPU without bf16 instructions; pipeline._tower_upcast)."""
+    CPU without bf16 instructions; pipeline._tower_dtype)."""
     from calibrate.config import CalibrationConfig
     from quantize.recipe import Recipe
 
@@ -352,13 +352,13 @@ def test_towers_of_a_bf16_checkpoint_calibrate_in_float32_without_bf16_hardware(
 
     from calibrate import build_calibration
     from quantize import device
-    from quantize.pipeline import _tower_upcast, load_processor, prepare
+    from quantize.pipeline import _tower_dtype, load_processor, prepare
     from quantize.tower_stats import tower_importance
 
-    assert _tower_upcast(torch.float32) == (False, "the checkpoint is stored in float32")
+    assert _tower_dtype(torch.float32) == (torch.float32, "the checkpoint is stored in float32")
     for native in (True, False):
         monkeypatch.setattr(device, "native_bf16", lambda dev, flags=None, native=native: (native, f"hardware says {native}"))
-        assert _tower_upcast(torch.bfloat16)[0] is (not native)
+        assert _tower_dtype(torch.bfloat16)[0] == (torch.bfloat16 if native else torch.float32)
 
     folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
     recipe = _recipe(folder, tmp_path, "keep", False)  # towers only: vision and audio with importance
@@ -376,3 +376,40 @@ def test_towers_of_a_bf16_checkpoint_calibrate_in_float32_without_bf16_hardware(
             assert torch.equal(got[name], v), name
         else:
             assert float((got[name] - v).norm() / v.norm()) < 1e-2, name
+
+
+def test_a_tower_loaded_in_float32_leaves_the_bf16_skeleton_as_it_was(tiny_trained, tmp_path):
+    """``load_tower(dtype=float32)`` reads the tower straight into float32 and casts its embedder
+    and the tower's computed buffers along; ``release_tower`` leaves every parameter, buffer and
+    embedder weight as the bf16 skeleton had them (the embedder bit for bit: it serves the
+    decoder's batches afterwards)."""
+    from quantize.model import Checkpoint
+    from quantize.streamed_model import EMBEDDERS, TOWERS, StreamedModel
+
+    folder = _bf16_copy(tiny_trained, tmp_path / "bf16")
+    streamed = StreamedModel(Checkpoint(folder), [torch.tensor([[2, 5, 7]])])
+    model = streamed.model
+
+    def state(prefix):
+        mod = model.get_submodule(prefix)
+        return ({n: (p.dtype, p.is_meta, None if p.is_meta else p.clone()) for n, p in mod.named_parameters()},
+                {n: (b.dtype, b.clone()) for n, b in mod.named_buffers()})
+
+    for tower in ("vision", "audio"):
+        before = {k: state(v) for k, v in ((tower, TOWERS[tower]), ("embedder", EMBEDDERS[tower]))}
+        assert all(meta and dt == torch.bfloat16 for dt, meta, _ in before[tower][0].values())
+        streamed.load_tower(tower, dtype=torch.float32)
+        ckpt = Checkpoint(folder)
+        for prefix in (TOWERS[tower], EMBEDDERS[tower]):
+            for n, p in model.get_submodule(prefix).named_parameters():
+                assert p.dtype == torch.float32 and not p.is_meta, n
+                assert torch.equal(p, ckpt.get(f"{prefix}.{n}").float()), n  # bf16 -> float32 is exact
+            assert all(b.dtype == torch.float32 for b in model.get_submodule(prefix).buffers() if b.is_floating_point())
+        streamed.release_tower(tower)
+        after = {k: state(v) for k, v in ((tower, TOWERS[tower]), ("embedder", EMBEDDERS[tower]))}
+        for part in before:
+            for (n, (dt, meta, v)), (n2, (dt2, meta2, v2)) in zip(before[part][0].items(), after[part][0].items()):
+                assert (n, dt, meta) == (n2, dt2, meta2) and (v is None or torch.equal(v, v2)), n
+            for (n, (dt, v)), (n2, (dt2, v2)) in zip(before[part][1].items(), after[part][1].items()):
+                assert (n, dt) == (n2, dt2) and torch.equal(v, v2), n
+    assert not streamed._skeleton_dtypes

@@ -22,6 +22,7 @@ from math import prod
 from pathlib import Path
 
 import gguf
+import yaml
 from gguf import GGUFWriter
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ def _metadata(folder: Path, name: str, total: int) -> gguf.Metadata:
         return gguf.Metadata.load(None, link, name, total)
 
 
+def _dry_run(md: gguf.Metadata, arch: str) -> None:
+    """Serialise the metadata's keys into a scratch file: a card value of a type the keys cannot
+    hold (``license: 5``) fails only when the keys are packed, which for the real file is after
+    its header is on disk."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = GGUFWriter(Path(tmp) / "general.gguf", arch)
+        md.set_gguf_meta_model(trial)
+        trial.write_header_to_file()
+        trial.write_kv_data_to_file()
+        trial.close()
+
+
 def add_general(w: GGUFWriter, folder: str | Path, name: str, shapes, kind: str = gguf.GGUFType.MODEL) -> None:
     """``general.type`` (``kind``: model, or mmproj for the vision file, as the converter's
     ``MmprojModel`` does the same), the model card's and generation config's keys, the name and
@@ -57,8 +70,12 @@ def add_general(w: GGUFWriter, folder: str | Path, name: str, shapes, kind: str 
     total = sum(prod(s) for s in shapes)
     try:
         md = _metadata(Path(folder), name, total)
-    except Exception as e:  # a model card whose front matter is not YAML: keep the GGUF, lose its card keys
-        log.warning("%s: model card not read (%s); the GGUF gets no license, tags or sampling defaults", folder, e)
+        _dry_run(md, w.arch)
+    except (yaml.YAMLError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        # a model card whose front matter YAML cannot read, or whose values are not the types the
+        # keys take (the converter stops there): keep the GGUF, lose the card's keys
+        log.warning("%s: model card not read (%s: %s); the GGUF gets no license, tags or sampling defaults",
+                    folder, type(e).__name__, e)
         md = gguf.Metadata(name=name)
     if md.size_label is None and total > 0:
         md.size_label = gguf.size_label(total, total, 0, 0)
