@@ -63,6 +63,8 @@ def parse_args(argv=None):
                    help="GGUF types to convert to, each against llama-quantize of the same type")
     p.add_argument("--gptq", action="store_true", help="also time our GPTQ path (type Q4_0, tiny size)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default=None,
+                   help="results as conversion_cost-TAG (another machine's rows, e.g. avx2)")
     p.add_argument("--work", default=str(ROOT / ".cache" / "bench-conversion"))
     p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and GGUF files")
@@ -373,7 +375,7 @@ def markdown(results: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.results_file import write_results
+    from bench.results_file import machine, write_results
 
     args = parse_args(argv)
     from bench.llamacpp_tools import find_tools
@@ -387,7 +389,7 @@ def main(argv=None) -> int:
         if not (args.keep or args.keep_checkpoint) and size != "tiny":
             shutil.rmtree(work / f"synthetic-{size}", ignore_errors=True)
     cmd = "python bench/conversion_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"# Conversion cost, ours vs llama.cpp\n\n`{cmd.strip()}`, {args.threads} threads, {os.cpu_count()} cores, "
+    header = (f"# Conversion cost, ours vs llama.cpp\n\n`{cmd.strip()}`, {args.threads} threads, {os.cpu_count()} cores ({machine()}), "
               f"{Path('/proc/meminfo').read_text().split()[1]} kB RAM, load average {os.getloadavg()[0]:.1f} at the end, "
               f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}. Ours: safetensors -> text GGUF of the type in one "
               "process, RTN (Q4_0: int4 g32, Q4_0 blocks bit for bit; Q4_K_M: the export's `mix: Q4_K_M`, encoded from "
@@ -396,7 +398,7 @@ def main(argv=None) -> int:
               "have, how many have the same GGUF type (the differing ones are listed in the json).")
     md = markdown(results, header)
     out = Path(args.out)
-    write_results(out, "conversion_cost", {"command": cmd.strip(), "threads": args.threads, "types": args.types,
+    write_results(out, "conversion_cost" + (f"-{args.tag}" if args.tag else ""), {"command": cmd.strip(), "threads": args.threads, "types": args.types,
                                            "results": results}, md)
     print(md)
     return 0

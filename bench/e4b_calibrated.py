@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="where the synthetic checkpoint lives (shared with bench/conversion_cost.py)")
     p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default=None,
+                   help="results as e4b_calibrated-TAG (another machine's rows, e.g. avx2: they are not comparable "
+                        "with the default file's)")
     return p.parse_args(argv)
 
 
@@ -187,7 +190,7 @@ def markdown(rows: list[dict], header: str) -> str:
 def main(argv=None) -> int:
     from bench import llamacpp_tools as lt
     from bench.conversion_cost import size_model
-    from bench.results_file import write_results
+    from bench.results_file import machine, write_results
 
     args = parse_args(argv)
     calibs = [parse_calib(c) for c in args.calib]
@@ -201,7 +204,8 @@ def main(argv=None) -> int:
     if model is None:
         raise SystemExit(f"size {args.size}: {why}")
     out = Path(args.out)
-    jpath = out / "e4b_calibrated.json"
+    name = "e4b_calibrated" + (f"-{args.tag}" if args.tag else "")
+    jpath = out / f"{name}.json"
     old = json.loads(jpath.read_text())["rows"] if jpath.exists() else []
     key = lambda r: (r["calib"], r["layers"], r.get("compute_dtype", "float32"), _outtype(r))  # noqa: E731
     rows = {key(r): r for r in old}
@@ -219,10 +223,10 @@ def main(argv=None) -> int:
               f"{datetime.now(timezone.utc):%Y-%m-%d}. Checkpoint: bench/synthetic_e4b.py (E4B's text shapes, random "
               "bf16). Ours: `quantize run` of recipes/int4.yaml (GPTQ int4 act-order, streamed calibration, text "
               "GGUF; `compute_dtype` as the row says: the recipe's own unless `--compute-dtype`, which is auto since 2026-12-01 "
-              "(\"(auto)\": bfloat16 on this AVX512-BF16 CPU) and was float32 before). llama.cpp: convert (to the GGUF type the row says: bf16 since 2026-12-01, lossless for this checkpoint "
+              "and was float32 before). Machine of the last run: " + machine() + ". llama.cpp: convert (to the GGUF type the row says: bf16 since 2026-12-01, lossless for this checkpoint "
               "and faster here; f16 before) + llama-imatrix on the same tokens + llama-quantize Q4_0 with the imatrix. Peak: the largest VmHWM of any process in each side's tree.")
     md = markdown(ordered, header)
-    write_results(out, "e4b_calibrated", {"command": cmd.strip(), "rows": ordered}, md)
+    write_results(out, name, {"command": cmd.strip(), "rows": ordered}, md)
     print(md)
     return 0
 
