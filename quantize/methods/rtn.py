@@ -125,58 +125,59 @@ class ImportanceError(QuantizeError):
     """An importance vector does not fit the tensor it should weight."""
 
 
-def _centred(q: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """Float codes minus their zero points (in place): what a scale multiplies."""
-    return q if zero is None else q.sub_(zero.to(torch.float32).unsqueeze(-1))
-
-
-def _weighted_err(groups, qc, scale, wts):
-    """sum w (x - s q)^2 per group, for centred float codes ``qc``: the dequantized values as
-    ``QuantizedTensor.dequantize`` computes them, so the comparison is with what the file holds."""
-    d = groups - qc * scale.to(torch.float32).unsqueeze(-1)
-    return (wts * d * d).sum(-1)
-
-
-def _lsq_scale(wx, qc, wts):
-    """Weighted least-squares scale for fixed centred codes: argmin_s sum w (x - s q)^2 =
-    sum w x q / sum w q^2 (``wx`` = w x, computed once per search)."""
-    num = (wx * qc).sum(-1)
-    den = (wts * qc * qc).sum(-1)
-    return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).to(torch.float16)
-
-
 def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symmetric: bool):
     """Best (scale, zero) per group under importance weights; plain RTN is candidate 0.
 
-    Works on float codes and keeps only the best scales (and zero points): the codes are a
-    function of them (``int_codes``), computed once at the end. About 21 full-size tensor
-    operations per multiplier instead of 29 with int codes kept per candidate: 1.6x faster
-    (a 2048 x 2048 int8 g32 matrix on 2 threads 0.35 -> 0.22 s; E4B's 262144-row token
-    embedding about 46 -> 29 s), with the same candidates and float operations as before, so
-    the same choices bit for bit."""
+    Each candidate (scale, zero) is scored by sum w (x - s q)^2 per group, with q its centred
+    float codes: the dequantized values as ``QuantizedTensor.dequantize`` computes them, so the
+    comparison is with what the file holds. After each multiplier's candidate the scale is refit
+    to its codes by weighted least squares (argmin_s sum w (x - s q)^2 = sum w x q / sum w q^2)
+    and the codes re-rounded. Only the best scales (and zero points) are kept: the codes are a
+    function of them (``int_codes``), computed once at the end.
+
+    Speed: the codes, differences and products live in three buffers of the chunk's size,
+    written in place (``out=``), instead of about 8 fresh tensors per candidate; the same float
+    operations in the same order, so the same choices bit for bit (E4B's 262400-row token
+    embedding at int8 on a 2-core AVX2 CPU: 12% faster)."""
     base_scale, base_zero = int_scales(groups, bits, symmetric)
     best_scale, best_zero = base_scale, base_zero
     best_err = torch.full(groups.shape[:-1], math.inf, dtype=torch.float32, device=groups.device)
     if symmetric:
         nmax = 8.0 if bits == 4 else 127.0  # the divisor of the plain scale (see int_scales)
+        lo_q, hi_q = symmetric_range(bits)
     else:
         nmax = float((1 << bits) - 1)
+        lo_q, hi_q = 0, (1 << bits) - 1
     mults = [nmax / (nmax + 0.1 * i) for i in IMPORTANCE_STEPS if i] + list(EXTRA_CLIPS)
-    qmax = (1 << bits) - 1
     lo = groups.amin(dim=-1).clamp(max=0.0)
     wx = wts * groups
+    qc, d, e = (torch.empty_like(groups) for _ in range(3))  # centred codes, x - s q, products
 
-    def consider(scale, zero):
+    def consider(scale, zero) -> None:
+        """Codes of (scale, zero) into ``qc``, centred; keeps the candidate where it is better."""
         nonlocal best_scale, best_zero, best_err
-        qc = _centred(float_codes(groups, scale, zero, bits), zero)
-        err = _weighted_err(groups, qc, scale, wts)
+        s = scale.to(torch.float32).unsqueeze(-1)
+        inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+        torch.mul(groups, inv, out=qc)
+        if zero is None:
+            qc.round_().clamp_(lo_q, hi_q)
+        else:
+            zf = zero.to(torch.float32).unsqueeze(-1)
+            qc.add_(zf).round_().clamp_(lo_q, hi_q).sub_(zf)
+        torch.sub(groups, torch.mul(qc, s, out=d), out=d)
+        err = torch.mul(wts, d, out=e).mul_(d).sum(-1)
         better = err < best_err
         if better.any():
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, scale, best_scale)
             if zero is not None:
                 best_zero = torch.where(better, zero, best_zero)
-        return qc
+
+    def refit() -> torch.Tensor:
+        """The weighted least-squares scale of the codes in ``qc``, as fp16."""
+        num = torch.mul(wx, qc, out=e).sum(-1)
+        den = torch.mul(wts, qc, out=e).mul_(qc).sum(-1)
+        return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).to(torch.float16)
 
     consider(base_scale, base_zero)  # plain RTN first: every later candidate must beat it
     for m in mults:
@@ -184,16 +185,14 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
         zero = None
         if not symmetric:
             safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(torch.float32)
-            zero = torch.round(-lo * m / safe).clamp(0, qmax).to(torch.uint8)
-        qc = consider(scale, zero)
-        # Refit the scale to these codes (weighted least squares), then re-round the codes.
-        refit = _lsq_scale(wx, qc, wts)
-        del qc
+            zero = torch.round(-lo * m / safe).clamp(0, hi_q).to(torch.uint8)
+        consider(scale, zero)
+        fit = refit()
         if symmetric:
-            refit = torch.where(refit.to(torch.float32) * base_scale.to(torch.float32) > 0, refit, scale)
+            fit = torch.where(fit.to(torch.float32) * base_scale.to(torch.float32) > 0, fit, scale)
         else:
-            refit = torch.where(refit > 0, refit, scale)
-        consider(refit, zero)
+            fit = torch.where(fit > 0, fit, scale)
+        consider(fit, zero)
     return int_codes(groups, best_scale, best_zero, bits), best_scale, best_zero
 
 
