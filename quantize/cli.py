@@ -203,8 +203,20 @@ class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt so that ``finally`` and cleanup blocks run."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, as a KeyboardInterrupt of our own type. CPython remembers a plain KeyboardInterrupt
+    that ends any string ``exec``/``eval`` (``run_eval_code_obj``: dataclasses, namedtuple and
+    lazy imports run those), even one caught afterwards, and under ``python -m`` it then kills the
+    process with SIGINT at exit instead of returning our 130 (a clean-clone CI run got returncode
+    -2 after "interrupted"). It compares the exact type, so a subclass does not set that flag."""
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
+
+
+def _on_sigint(signum, frame):
+    raise Interrupted()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # The default SIGTERM action kills the process on the spot, leaving its partial folder.
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGINT only where Python's own handler is installed: an ignored SIGINT (a background job)
+    # stays ignored, and a caller's handler stays theirs.
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         return COMMANDS[args.command](args)
     except (QuantizeError, CalibrationError) as e:
@@ -231,3 +248,5 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)

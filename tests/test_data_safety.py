@@ -150,6 +150,44 @@ def test_signal_exits_nonzero_and_leaves_nothing(tmp_path, tiny_random, sig, cod
     assert not out.exists() and not _siblings(out)
 
 
+# A stand-in for `python -m quantize` whose command runs a string exec when SIGINT arrives, as a
+# dataclass definition or a lazy import can at any point of a real run.
+_EXEC_MAIN = """
+import os, signal, sys, threading
+from quantize import cli
+
+def busy(args):
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    exec("while True: pass", {})
+
+cli.COMMANDS["inspect"] = busy
+sys.exit(cli.main(["inspect", "unused"]))
+"""
+
+
+def test_sigint_during_a_string_exec_still_exits_130(tmp_path):
+    """CPython flags a plain KeyboardInterrupt that ends a string exec/eval, even when caught,
+    and under `python -m` then dies by SIGINT at exit (returncode -2) whatever code the program
+    returned; the CLI's own SIGINT exception does not set that flag. Independent reference:
+    plain Python run the same way without the CLI's handler dies by SIGINT (checked first)."""
+    plain = tmp_path / "plain_main.py"
+    plain.write_text('import os, signal, sys, threading\n'
+                     'threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n'
+                     'try:\n    exec("while True: pass", {})\nexcept KeyboardInterrupt:\n    sys.exit(130)\n')
+    ours = tmp_path / "ours_main.py"
+    ours.write_text(_EXEC_MAIN)
+    env = _env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+
+    def run(module):
+        return subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    assert run("plain_main").returncode == -signal.SIGINT  # the interpreter's behaviour this guards against
+    r = run("ours_main")
+    assert r.returncode == 130, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip().splitlines()[-1] == "interrupted"
+
+
 # ------------------------------------------------------------------ output folder, the rules
 
 
