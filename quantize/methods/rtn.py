@@ -137,8 +137,8 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
 
     Speed: the codes, differences and products live in three buffers of the chunk's size,
     written in place (``out=``), instead of about 8 fresh tensors per candidate; the same float
-    operations in the same order, so the same choices bit for bit (E4B's 262400-row token
-    embedding at int8 on a 2-core AVX2 CPU: 12% faster)."""
+    operations in the same order, so the same choices bit for bit (a 16384 x 2048 int8 matrix
+    on a 2-core AVX2 CPU: 4.9 -> 3.8 s)."""
     base_scale, base_zero = int_scales(groups, bits, symmetric)
     best_scale, best_zero = base_scale, base_zero
     best_err = torch.full(groups.shape[:-1], math.inf, dtype=torch.float32, device=groups.device)
