@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     # lookup that llama.cpp stores as Q6_K because it shares the token embedding's name rule,
     # gets Q5_K. (Q8_0 per-layer projections lowered the KL a little more but cost ~4% of the
     # tiny model's generation speed, where they are a fifth of the decoder's weights.)
-    mix_towers = {"text": "int4_gptq", "per_layer_projections": "int4", "token_embeddings": int8_searched}
+    mix_towers = {"text": "int4_gptq", "per_layer_projections": "int4", "token_embeddings": "int8"}
     mix_types = {"tensor_types": [{"match": ["per_layer_token_embd.weight"], "type": "Q5_K"}]}
     for name, qt, towers, mix in ours_specs:
         with timer(f"ours: {name}"):

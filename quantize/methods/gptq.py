@@ -40,6 +40,11 @@ from quantize.schemes import QuantScheme
 log = logging.getLogger(__name__)
 
 
+# Columns of a block whose feedback to each other is applied column by column with static
+# groups (see _column_loop); between sub-blocks it is one matrix product.
+SUB_BLOCK = 32
+
+
 class HessianShapeError(QuantizeError):
     """The Hessian given for a tensor does not match its input width."""
 
@@ -397,7 +402,9 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     dynamic ones are filled in at each group start.
 
     Speed: each block is worked on transposed, so a column is a contiguous row and the
-    per-column updates stream through memory; a group's scale reads only its own ``g_size``
+    per-column updates stream through memory; with static groups they reach only the column's
+    sub-block (``SUB_BLOCK`` columns), and each finished sub-block feeds the rest of its block
+    in one matrix product (a third level of the same lazy-update idea); a group's scale reads only its own ``g_size``
     columns; a group's reciprocal scales are computed once, not per column. The column step is
     6 tensor operations with symmetric codes, because on a GPU each is a kernel launch and the
     loop runs once per input column (28672 times per E4B layer): a block's codes, dequantized
@@ -420,6 +427,11 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
         inv_all = reciprocal(s_all)
         z_all = None if sym else zeros.t().to(torch.float32).contiguous()
     s = inv = zf = None
+    # Static groups need w'_k only when column k is reached, so within a block the feedback goes
+    # a sub-block at a time: rank-1 updates inside a sub-block, one product beyond it (a quarter
+    # of the memory-bound rank-1 work at 32 of 128; the same sums in another order). Dynamic
+    # groups read later columns at each group start and keep the textbook's every update.
+    sub = SUB_BLOCK if perm is not None else block
     q_buf = torch.empty(min(block, cols), rows, dtype=torch.float32, device=orig.device)
     dq_buf = torch.empty_like(q_buf)
     d_buf = torch.empty_like(q_buf)
@@ -452,8 +464,11 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
             else:
                 torch.mul(q.add_(zf).round_().clamp_(lo_q, hi_q) - zf, s, out=dq)
             torch.sub(src1[i], dq, out=d)
-            if i + 1 < n:
-                w1[i + 1:].addr_(f1[i, i + 1:], d)
+            end = min((i // sub + 1) * sub, n)  # the end of column i's sub-block
+            if i + 1 < end:
+                w1[i + 1:end].addr_(f1[i, i + 1:end], d)
+            elif end < n:  # the sub-block's feedback to the rest of the block, as one product
+                w1[end:].addmm_(f1[end - sub:end, end:].t(), d1[end - sub:end])
         codes_t[i1:i2] = q1.to(codes_t.dtype)
         # a block's sum in float32 (128 terms per row), the running total in float64
         loss += ((w1 - dq1) * loss_scale[i1:i2].unsqueeze(1)).square_().sum(0).double() / 2

@@ -73,15 +73,20 @@ def int_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return float_codes(groups, scale, zero, bits).to(torch.int8 if zero is None else torch.uint8)
 
 
-def float_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """``int_codes`` as float32 values (what the search works on: no int round trip)."""
+def float_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                out: torch.Tensor | None = None, centred: bool = False) -> torch.Tensor:
+    """``int_codes`` as float32 values (what the search works on: no int round trip), written
+    into ``out`` (of ``groups``' shape) when given; ``centred``: minus the zero points, the
+    multiples of the scale that the dequantized values are."""
     s = scale.to(torch.float32).unsqueeze(-1)
     inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+    q = torch.mul(groups, inv, out=out) if out is not None else groups * inv
     if zero is None:
         lo, hi = symmetric_range(bits)
-        return torch.round(groups * inv).clamp_(lo, hi)
-    qmax = (1 << bits) - 1
-    return torch.round(groups * inv + zero.to(torch.float32).unsqueeze(-1)).clamp_(0, qmax)
+        return q.round_().clamp_(lo, hi)
+    zf = zero.to(torch.float32).unsqueeze(-1)
+    q.add_(zf).round_().clamp_(0, (1 << bits) - 1)
+    return q.sub_(zf) if centred else q
 
 
 def quantize_int(name: str, weight: torch.Tensor, scheme: QuantScheme) -> QuantizedTensor:
@@ -136,18 +141,15 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
     function of them (``int_codes``), computed once at the end.
 
     Speed: the codes, differences and products live in three buffers of the chunk's size,
-    written in place (``out=``), instead of about 8 fresh tensors per candidate; the same float
-    operations in the same order, so the same choices bit for bit (a 16384 x 2048 int8 matrix
-    on a 2-core AVX2 CPU: 4.9 -> 3.8 s)."""
+    written in place (``out=``, ``float_codes`` included), instead of about 8 fresh tensors per
+    candidate; the same float operations in the same order, so the same choices bit for bit (a
+    16384 x 2048 int8 matrix on a 2-core AVX2 CPU: 4.9 -> 3.8 s)."""
     base_scale, base_zero = int_scales(groups, bits, symmetric)
     best_scale, best_zero = base_scale, base_zero
     best_err = torch.full(groups.shape[:-1], math.inf, dtype=torch.float32, device=groups.device)
-    if symmetric:
-        nmax = 8.0 if bits == 4 else 127.0  # the divisor of the plain scale (see int_scales)
-        lo_q, hi_q = symmetric_range(bits)
-    else:
-        nmax = float((1 << bits) - 1)
-        lo_q, hi_q = 0, (1 << bits) - 1
+    # the divisor of the plain scale (see int_scales), and the largest code
+    nmax = (8.0 if bits == 4 else 127.0) if symmetric else float((1 << bits) - 1)
+    hi_q = (1 << bits) - 1
     mults = [nmax / (nmax + 0.1 * i) for i in IMPORTANCE_STEPS if i] + list(EXTRA_CLIPS)
     lo = groups.amin(dim=-1).clamp(max=0.0)
     wx = wts * groups
@@ -156,15 +158,8 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
     def consider(scale, zero) -> None:
         """Codes of (scale, zero) into ``qc``, centred; keeps the candidate where it is better."""
         nonlocal best_scale, best_zero, best_err
-        s = scale.to(torch.float32).unsqueeze(-1)
-        inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
-        torch.mul(groups, inv, out=qc)
-        if zero is None:
-            qc.round_().clamp_(lo_q, hi_q)
-        else:
-            zf = zero.to(torch.float32).unsqueeze(-1)
-            qc.add_(zf).round_().clamp_(lo_q, hi_q).sub_(zf)
-        torch.sub(groups, torch.mul(qc, s, out=d), out=d)
+        float_codes(groups, scale, zero, bits, out=qc, centred=True)
+        torch.sub(groups, torch.mul(qc, scale.to(torch.float32).unsqueeze(-1), out=d), out=d)
         err = torch.mul(wts, d, out=e).mul_(d).sum(-1)
         better = err < best_err
         if better.any():
