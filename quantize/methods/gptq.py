@@ -404,8 +404,9 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     Speed: each block is worked on transposed, so a column is a contiguous row and the
     per-column updates stream through memory; with static groups they reach only the column's
     sub-block (``SUB_BLOCK`` columns), and each finished sub-block feeds the rest of its block
-    in one matrix product (a third level of the same lazy-update idea); a group's scale reads only its own ``g_size``
-    columns; a group's reciprocal scales are computed once, not per column. The column step is
+    in one matrix product (a third level of the same lazy-update idea); a group's scale reads
+    only its own ``g_size`` columns; a group's reciprocal scales are computed once, not per
+    column. The column step is
     6 tensor operations with symmetric codes, because on a GPU each is a kernel launch and the
     loop runs once per input column (28672 times per E4B layer): a block's codes, dequantized
     values and differences are written into block buffers and converted or squared once per
