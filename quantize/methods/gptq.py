@@ -406,11 +406,10 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
     sub-block (``SUB_BLOCK`` columns), and each finished sub-block feeds the rest of its block
     in one matrix product (a third level of the same lazy-update idea); a group's scale reads
     only its own ``g_size`` columns; a group's reciprocal scales are computed once, not per
-    column. The column step is
-    6 tensor operations with symmetric codes, because on a GPU each is a kernel launch and the
-    loop runs once per input column (28672 times per E4B layer): a block's codes, dequantized
-    values and differences are written into block buffers and converted or squared once per
-    block."""
+    column. The column step is 6 tensor operations with symmetric codes, because on a GPU each
+    is a kernel launch and the loop runs once per input column (28672 times per E4B layer): a
+    block's codes, dequantized values and differences are written into block buffers and
+    converted or squared once per block."""
     rows, cols = orig.shape
     sym = zeros is None
     lo_q, hi_q = symmetric_range(bits) if sym else (0, (1 << bits) - 1)

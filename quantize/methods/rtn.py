@@ -147,9 +147,8 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
     base_scale, base_zero = int_scales(groups, bits, symmetric)
     best_scale, best_zero = base_scale, base_zero
     best_err = torch.full(groups.shape[:-1], math.inf, dtype=torch.float32, device=groups.device)
-    # the divisor of the plain scale (see int_scales), and the largest code
-    nmax = (8.0 if bits == 4 else 127.0) if symmetric else float((1 << bits) - 1)
-    hi_q = (1 << bits) - 1
+    qmax = (1 << bits) - 1  # the largest unsigned code: asymmetric codes and zero points
+    nmax = (8.0 if bits == 4 else 127.0) if symmetric else float(qmax)  # the plain scale's divisor (int_scales)
     mults = [nmax / (nmax + 0.1 * i) for i in IMPORTANCE_STEPS if i] + list(EXTRA_CLIPS)
     lo = groups.amin(dim=-1).clamp(max=0.0)
     wx = wts * groups
@@ -180,7 +179,7 @@ def _importance_search(groups: torch.Tensor, wts: torch.Tensor, bits: int, symme
         zero = None
         if not symmetric:
             safe = torch.where(scale == 0, torch.ones_like(scale), scale).to(torch.float32)
-            zero = torch.round(-lo * m / safe).clamp(0, hi_q).to(torch.uint8)
+            zero = torch.round(-lo * m / safe).clamp(0, qmax).to(torch.uint8)
         consider(scale, zero)
         fit = refit()
         if symmetric:
