@@ -7,7 +7,8 @@ own code, see ``capture_layer_inputs``). Then for each decoder layer in turn:
 1. the layer is moved to ``device``; only its inputs for all calibration batches are alive;
 2. AWQ scales (if asked) are searched on the float layer and absorbed where that is exact;
 3. the layer runs on every batch with float weights; the outputs of the first batches (up to
-   ``REFERENCE_TOKENS`` tokens) are kept as the reference for the report's relative error;
+   ``REFERENCE_TOKENS`` tokens; every ``REFERENCE_STRIDE``-th position of them, where alone the
+   float MLP runs) are kept as the reference for the report's relative error;
 4. "true sequential" stages: q/k/v (one shared input), o_proj, gate/up (one shared input),
    down_proj. For each stage the layer runs again with the earlier stages already quantized,
    up to the stage's input only (the first stage's inputs come from step 3's pass, which
@@ -36,6 +37,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +70,11 @@ LINEARS = tuple(m for _, ms in STAGES for m in ms)
 # the layer (about 1 s per E4B layer on a 2-core AVX2 CPU). 512 tokens of 2048 values each still
 # give the error to a few digits; it is a report, the codes do not depend on it.
 REFERENCE_TOKENS = 512
+# The reference scores every REFERENCE_STRIDE-th position of those batches: everything from the
+# MLP on is per position (gate/up/down, AltUp's correction, the per-layer input gate), so the
+# float MLP runs on those positions only (a quarter of the reference batch's MLP, about 1.4 s
+# per E4B layer on a 2-core AVX2 CPU); the attention before it still sees every position.
+REFERENCE_STRIDE = 4
 # Activations a layer may keep to skip recomputing its MLP (see _MlpReuse): E4B's down_proj
 # inputs at 32 x 512 tokens are 1 GiB in fp32; the rest of the budget covers multimodal tokens.
 MLP_REUSE_BYTES = 5 * 2**28
@@ -78,6 +85,9 @@ MLP_REUSE_BYTES = 5 * 2**28
 # E4B's gate/up, whose 16384 rows make the rank-t updates dear, and the low-rank one 2.8x
 # less for down_proj; at E4B's 4 x 512 tokens it is down_proj's path).
 LOW_RANK_DIVISOR = 4
+# o_proj inputs a layer may keep to skip recomputing its attention (see _AttnReuse): E4B's at
+# 32 x 512 tokens are 128 MiB in fp32; the rest covers multimodal tokens.
+ATTN_REUSE_BYTES = 2**28
 _NAME_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(" + "|".join(re.escape(m) for m in LINEARS) + r")\.weight$")
 
 
@@ -101,7 +111,7 @@ class SequentialResult:
       ``statistics``, ``quantize``, ``final_pass`` and ``release``, see ``_PhaseClock``),
       methods, fallbacks, notes and the relative error of the quantized layer's output against
       the float layer on the same inputs (the first calibration batches, up to
-      ``REFERENCE_TOKENS`` tokens);
+      ``REFERENCE_TOKENS`` tokens, at every ``REFERENCE_STRIDE``-th position);
     - ``kv_scales``: with ``kv_fp8``, ``{producer layer: (k_scale, v_scale)}`` per KV-sharing
       group (shared by its consumers); ``layer_kv_scales`` has every layer's cache scales, the
       consumers' pointing at their producer's values.
@@ -374,6 +384,83 @@ class _MlpReuse:
         return remove
 
 
+class _AttnReuse:
+    """Skips the attention recomputations of a layer's later passes (results unchanged, bit for bit).
+
+    Once q/k/v are in their final (quantized) state, o_proj's input no longer changes within the
+    layer: it depends on the layer's input, q/k/v's weights and, in a KV consumer, on the K/V its
+    producer stored before this layer ran. So from the first pass after the q/k/v stage, each
+    batch's o_proj input is kept, and later passes (the gate/up stage's, a down stage's that has
+    no kept MLP inputs, the final one) take ``o_proj(kept input)`` for the attention's output,
+    skipping q/k/v, their norms, RoPE and the attention (about 9% of an E4B layer's
+    multiply-adds, run twice more per layer without this). A store layer's K/V stay in the
+    shared dicts as that first pass wrote them, from the same weights on the same input, so its
+    consumers read what the final pass used to write. ``serve = False`` runs the attention in
+    full (the final pass of a layer whose k/v the kv_fp8 hooks must see). Memory: o_proj
+    inputs batch by batch while they fit in ``budget`` bytes (the rest recompute as before)."""
+
+    def __init__(self, attn, n_batches: int, budget: int):
+        self.attn = attn
+        self.budget = budget
+        self.kept: list[torch.Tensor | None] = [None] * n_batches
+        self.batch = 0  # the batch the layer is running now (set by the passes)
+        self.serve = True
+        self._hook = None
+
+    def _keep(self, _m, args) -> None:
+        x = args[0]
+        held = sum(t.numel() * t.element_size() for t in self.kept if t is not None)
+        if self.kept[self.batch] is None and held + x.numel() * x.element_size() <= self.budget:
+            self.kept[self.batch] = x
+
+    def install(self) -> None:
+        """From the next pass on (call it once q/k/v are final, before later hooks on o_proj:
+        pre-hooks run in the order they were registered, and a statistics hook ends the pass)."""
+        original = type(self.attn).forward
+        attn = self.attn
+
+        def forward(*args, **kwargs):
+            kept = self.kept[self.batch] if self.serve else None
+            return original(attn, *args, **kwargs) if kept is None else (attn.o_proj(kept), None)
+
+        attn.forward = forward
+        self._hook = attn.o_proj.register_forward_pre_hook(self._keep)
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            del self.attn.forward
+            self._hook = None
+        self.kept = [None] * len(self.kept)
+
+
+@contextmanager
+def _mlp_at_positions(mlp, stride: int):
+    """The MLP computes every ``stride``-th position only (the others' outputs are 0): for the
+    float reference, whose layer outputs are scored at those positions only (``_scored``)."""
+    if stride == 1:
+        yield
+        return
+    original = type(mlp).forward
+
+    def forward(x):
+        out = torch.zeros_like(x)  # (batch, positions, width): the MLP keeps the width
+        out[:, ::stride] = original(mlp, x[:, ::stride])
+        return out
+
+    mlp.forward = forward
+    try:
+        yield
+    finally:
+        del mlp.forward
+
+
+def _scored(out: torch.Tensor) -> torch.Tensor:
+    """The positions of a layer output (AltUp streams, batch, positions, width) that the
+    report's rel_error compares (see REFERENCE_STRIDE)."""
+    return out[:, :, ::REFERENCE_STRIDE].contiguous()
+
+
 def _tokens(h: torch.Tensor) -> int:
     """Tokens of one batch's hidden state (AltUp streams, batch, time, width)."""
     return h.shape[1] * h.shape[2]
@@ -532,6 +619,7 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
 
         needs_output = [True]  # whether the batch running now needs the layer's output (set by run_all)
         reuse = _MlpReuse(hidden, MLP_REUSE_BYTES)
+        attn_reuse = _AttnReuse(layer.self_attn, len(hidden), ATTN_REUSE_BYTES)
 
         def output_unused() -> bool:
             return not needs_output[0]
@@ -543,18 +631,20 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             batches is returned (their memory freed as they are scored)."""
             num = den = 0.0
             for b, ctx in enumerate(contexts):
-                needs_output[0] = final is not None or kv is not None or (store is not None and b < n_ref)
-                reuse.batch = b
+                ref_batch = store is not None and b < n_ref
+                needs_output[0] = final is not None or kv is not None or ref_batch
+                reuse.batch = attn_reuse.batch = b
                 try:
-                    out = run_layer(layer, i, lt, hidden[b], ctx)
+                    with _mlp_at_positions(layer.mlp, REFERENCE_STRIDE) if ref_batch else nullcontext():
+                        out = run_layer(layer, i, lt, hidden[b], ctx)
                 except _StopForward:  # a statistics hook has its input; this output is not needed
                     continue
-                if store is not None and b < n_ref:
-                    store.append(out)
+                if ref_batch:
+                    store.append(_scored(out))
                 if final is not None:
                     if b < len(final):
                         # in fp32: a bf16 sum keeps 3 digits
-                        num += float(((out.float() - final[b].float()) ** 2).sum())
+                        num += float(((_scored(out).float() - final[b].float()) ** 2).sum())
                         den += float((final[b].float() ** 2).sum())
                         final[b] = None
                     hidden[b] = out
@@ -575,61 +665,68 @@ def _quantize_layers(model, by_layer, batches, device, kv_fp8, progress, compute
             run_all(reference)
         clock.lap("statistics")
         down_needs_pass = "mlp.down_proj" in wanted and _needs_stats(wanted, ["mlp.down_proj"])
-        for s_idx, (stage, paths) in enumerate(STAGES):
-            todo = [p for p in paths if p in wanted]
-            if not todo:
-                continue
-            if s_idx == 0:
-                st = first_stats[paths[0]]
-            elif _needs_stats(wanted, todo):
-                # hooks registered before _collect's run first (its hook ends the pass)
-                keep = None
-                if stage == "mlp_in" and down_needs_pass:
-                    keep = layer.mlp.gate_proj.register_forward_pre_hook(reuse.mlp_in_hook)
-                elif stage == "mlp_out":
-                    keep = layer.mlp.down_proj.register_forward_pre_hook(reuse.down_in_hook)
-                run, stop = run_all, output_unused
-                if stage == "mlp_out" and reuse.has_mlp_inputs():  # no batch's output is needed there
-                    run, stop = (lambda: reuse.run_mlp(layer.mlp)), (lambda: True)
-                try:
-                    st = _collect(layer, run, [paths[0]], _needs_hessian(wanted, todo), stop=stop,
-                                  low_rank=_low_rank(wanted, todo))[paths[0]]
-                finally:
-                    if keep is not None:
-                        keep.remove()
-            else:
-                st = None
-            clock.lap("statistics")
-            for p in todo:
-                name = text_linear_name(i, p)
-                mod = layer.get_submodule(p)
-                scheme = wanted[p]
-                qt = _quantize_one(name, mod.weight.data, scheme, st, last=p == todo[-1])
-                mod.weight.data.copy_(qt.dequantize().to(device=mod.weight.device, dtype=mod.weight.dtype))
-                done[name] = qt
-                if st is not None:
-                    result.importance[name] = st[0].mean_sq.detach().cpu()
-                rep["methods"][p] = scheme.label()
-                if "fallback" in qt.info:
-                    rep["fallbacks"][p] = qt.info["fallback"]
-            clock.lap("quantize")
-        # This layer's statistics (a down_proj Hessian is 1 GiB on E4B) go before its final
-        # pass and the next layer: memory holds one layer's state, not two.
-        first_stats = st = None
-        # Final pass: the quantized layer's outputs feed the next layer (each replacing its
-        # batch's input: one set of hidden states alive, 512 MiB at E4B's 32 x 512 tokens);
-        # store layers write the quantized K/V into the shared dicts for their consumers.
-        kv = None
-        if kv_fp8 and modes[i] != "reuse":
-            kv = kv_ranges.setdefault(i, KVRange())
-        handles = _kv_hooks(layer, contexts, lt, kv) if kv is not None and modes[i] != "store" else []
-        remove_mlp_reuse = reuse.final_forward(layer.mlp)
         try:
-            rep["rel_error"] = run_all(kv=kv if not handles else None, final=reference)
+            for s_idx, (stage, paths) in enumerate(STAGES):
+                if s_idx == 1:  # q/k/v are final from here on
+                    attn_reuse.install()
+                todo = [p for p in paths if p in wanted]
+                if not todo:
+                    continue
+                if s_idx == 0:
+                    st = first_stats[paths[0]]
+                elif _needs_stats(wanted, todo):
+                    # hooks registered before _collect's run first (its hook ends the pass)
+                    keep = None
+                    if stage == "mlp_in" and down_needs_pass:
+                        keep = layer.mlp.gate_proj.register_forward_pre_hook(reuse.mlp_in_hook)
+                    elif stage == "mlp_out":
+                        keep = layer.mlp.down_proj.register_forward_pre_hook(reuse.down_in_hook)
+                    run, stop = run_all, output_unused
+                    if stage == "mlp_out" and reuse.has_mlp_inputs():  # no batch's output is needed there
+                        run, stop = (lambda: reuse.run_mlp(layer.mlp)), (lambda: True)
+                    try:
+                        st = _collect(layer, run, [paths[0]], _needs_hessian(wanted, todo), stop=stop,
+                                      low_rank=_low_rank(wanted, todo))[paths[0]]
+                    finally:
+                        if keep is not None:
+                            keep.remove()
+                else:
+                    st = None
+                clock.lap("statistics")
+                for p in todo:
+                    name = text_linear_name(i, p)
+                    mod = layer.get_submodule(p)
+                    scheme = wanted[p]
+                    qt = _quantize_one(name, mod.weight.data, scheme, st, last=p == todo[-1])
+                    mod.weight.data.copy_(qt.dequantize().to(device=mod.weight.device, dtype=mod.weight.dtype))
+                    done[name] = qt
+                    if st is not None:
+                        result.importance[name] = st[0].mean_sq.detach().cpu()
+                    rep["methods"][p] = scheme.label()
+                    if "fallback" in qt.info:
+                        rep["fallbacks"][p] = qt.info["fallback"]
+                clock.lap("quantize")
+            # This layer's statistics (a down_proj Hessian is 1 GiB on E4B) go before its final
+            # pass and the next layer: memory holds one layer's state, not two.
+            first_stats = st = None
+            # Final pass: the quantized layer's outputs feed the next layer (each replacing its
+            # batch's input: one set of hidden states alive, 512 MiB at E4B's 32 x 512 tokens).
+            # A store layer's quantized K/V are in the shared dicts for its consumers, written
+            # by the first pass after the q/k/v stage (this one where no earlier pass ran).
+            kv = None
+            if kv_fp8 and modes[i] != "reuse":
+                kv = kv_ranges.setdefault(i, KVRange())
+            handles = _kv_hooks(layer, contexts, lt, kv) if kv is not None and modes[i] != "store" else []
+            remove_mlp_reuse = reuse.final_forward(layer.mlp)
+            attn_reuse.serve = not handles  # the kv_fp8 hooks read k/v as the attention computes them
+            try:
+                rep["rel_error"] = run_all(kv=kv if not handles else None, final=reference)
+            finally:
+                remove_mlp_reuse()
+                for hd in handles:
+                    hd.remove()
         finally:
-            remove_mlp_reuse()
-            for hd in handles:
-                hd.remove()
+            attn_reuse.remove()
         clock.lap("final_pass")
         if modes[i] == "store":
             producer_of_type[lt] = i

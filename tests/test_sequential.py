@@ -158,7 +158,9 @@ def test_consumers_attend_over_quantized_producer_kv(random_model, fresh, device
     assert cfg.kv_sharing_modes[producer] == "store" and cfg.kv_sharing_modes[consumer] == "reuse"
     lt = cfg.layer_types[consumer]
     assert cfg.layer_types[producer] == lt
-    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4"] for i in (17, producer, 19, consumer) for m in existing_linears(model, i)}
+    # GPTQ: each layer runs its staged passes, the later ones from kept o_proj inputs
+    # (_AttnReuse), so the producer's K/V must survive them as its quantized weights compute them
+    schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i in (17, producer, 19, consumer) for m in existing_linears(model, i)}
     batches = make_batches(seed=1)
     prod_inputs, cons_kv = [], []
     h1 = layers[producer].register_forward_pre_hook(lambda m, a: prod_inputs.append(a[0].detach().cpu()))
@@ -373,16 +375,20 @@ def test_returned_importance_is_the_layer_inputs_mean_square(random_model, fresh
     assert set(result.importance) == set(schemes)
 
 
+@pytest.mark.parametrize("stride", [1, 4, 5])
 @pytest.mark.parametrize("ref_tokens, n_ref", [(48, 1), (4096, 2)])
-def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeypatch, ref_tokens, n_ref):
+def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeypatch, ref_tokens, n_ref, stride):
     """The report's relative error of layer 0 against the model's own forward: the float model's
     layer-0 outputs, and the same model with only layer 0 replaced by the returned codes (layer
-    0's input does not depend on layer 0), on the first batches up to REFERENCE_TOKENS tokens."""
+    0's input does not depend on layer 0), on the first batches up to REFERENCE_TOKENS tokens,
+    at every REFERENCE_STRIDE-th position of the full forward's outputs (the engine's float
+    reference runs its MLP at those positions only; 5 does not divide the 48 and 32 tokens)."""
     import quantize.sequential as seq
 
     model = fresh
     _, pristine = random_model
     monkeypatch.setattr(seq, "REFERENCE_TOKENS", ref_tokens)
+    monkeypatch.setattr(seq, "REFERENCE_STRIDE", stride)
     schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4"]
                for i in range(len(model.model.language_model.layers)) for m in existing_linears(model, i)}
     batches = make_batches()  # 48 and 64 tokens
@@ -390,7 +396,8 @@ def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeyp
 
     def layer0_outputs():
         outs = []
-        hd = model.model.language_model.layers[0].register_forward_hook(lambda m, a, out: outs.append(out.double()))
+        hd = model.model.language_model.layers[0].register_forward_hook(
+            lambda m, a, out: outs.append(out[:, :, ::stride].double()))  # (streams, batch, positions, width)
         try:
             with torch.no_grad():
                 for b in batches[:n_ref]:
@@ -412,12 +419,14 @@ def test_rel_error_by_hand_on_the_reference_batches(random_model, fresh, monkeyp
     assert res.report[0]["rel_error"] == pytest.approx(math.sqrt(num / den), rel=1e-4)
 
 
-# MLP_REUSE_BYTES for make_batches() (48 and 64 tokens; hidden 256, FFN 512, fp32): what the
-# engine may keep to skip MLP recomputation (see _MlpReuse), and then how many batches' MLP
-# inputs and down_proj inputs it keeps. 114688 B = both batches' MLP inputs; 98304 B = the
-# first batch's down_proj input.
-REUSE_BUDGETS = {"all": (2**30, True, 2), "none": (0, False, 0), "mlp inputs only": (114688, True, 0),
-                 "first down input": (98304, False, 1)}
+# MLP_REUSE_BYTES and ATTN_REUSE_BYTES for make_batches() (48 and 64 tokens; hidden 256, FFN
+# 512, o_proj input 4 x 64, fp32): what the engine may keep to skip MLP and attention
+# recomputation (see _MlpReuse, _AttnReuse), and then how many batches' MLP inputs, down_proj
+# inputs and o_proj inputs it keeps. 114688 B = both batches' MLP inputs (or o_proj inputs);
+# 98304 B = the first batch's down_proj input; 49152 B = the first batch's o_proj input.
+REUSE_BUDGETS = {"all": (2**30, True, 2, 2**30, 2), "none": (0, False, 0, 0, 0),
+                 "mlp inputs, first o input": (114688, True, 0, 49152, 1),
+                 "first down input, all o inputs": (98304, False, 1, 114688, 2)}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -428,18 +437,20 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     stage's input; with a one-batch reference the float pass ends at q_proj's input for the
     second batch) is mean x x^T of the linear's input in the model's own full forward, with
     layer 0 (for layer 1) and the layer's earlier stages replaced by the returned codes. And the
-    passes do end early, and skip what the kept MLP activations make unnecessary (the down stage
-    runs the MLP alone on kept MLP inputs; the final pass applies down_proj to kept inputs): layer
-    0's q_proj, gate_proj and down_proj run as often as counted by hand for each memory budget.
+    passes do end early, and skip what the kept activations make unnecessary (the down stage
+    runs the MLP alone on kept MLP inputs; the final pass applies down_proj to kept inputs; the
+    passes after the o stage's take the attention's output from kept o_proj inputs): layer 0's
+    q_proj, gate_proj and down_proj run as often as counted by hand for each memory budget.
     Layer 1's Hessians are computed from layer 0's final-pass outputs, so they also check that
     the final pass with kept activations computes the quantized layer. On cuda the engine's
     passes and Hessians run on the GPU and the reference on the CPU with the GPU's codes, so it
     checks the GPU's statistics whatever codes its rounding led to."""
     import quantize.sequential as seq
 
-    budget, keeps_mlp_in, kept_down = REUSE_BUDGETS[reuse]
+    budget, keeps_mlp_in, kept_down, attn_budget, kept_attn = REUSE_BUDGETS[reuse]
     monkeypatch.setattr(seq, "REFERENCE_TOKENS", ref_tokens)
     monkeypatch.setattr(seq, "MLP_REUSE_BYTES", budget)
+    monkeypatch.setattr(seq, "ATTN_REUSE_BYTES", attn_budget)
     _, pristine = random_model
     got = {}
     real = seq.gptq_quantize
@@ -471,9 +482,10 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     # (every pass in full would be 5 passes x 2 batches for each)
     n_ref, b = (2 if ref_tokens >= 48 + 64 else 1), len(batches)
     assert calls == {
-        # the float pass's reference batches; the o, gate/up and final passes; the down stage's
-        # pass unless it starts from kept MLP inputs
-        "self_attn.q_proj": n_ref + 3 * b + (0 if keeps_mlp_in else b),
+        # the float pass's reference batches; the o stage's pass; the gate/up and final passes
+        # and the down stage's pass (unless it starts from kept MLP inputs) where no o_proj
+        # input was kept
+        "self_attn.q_proj": n_ref + b + (b - kept_attn) * (2 + (0 if keeps_mlp_in else 1)),
         # reference batches; the down stage's pass; the final pass where no down_proj input was kept
         "mlp.gate_proj": n_ref + b + (b - kept_down),
         # only where an output is used: the reference batches and the final pass
