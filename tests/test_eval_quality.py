@@ -175,18 +175,23 @@ def test_gguf_latency_agrees_with_llama_bench_style_timing(work):
     from eval.latency import measure
 
     q4 = next((work["root"] / "gguf-q4").glob("*.gguf"), None) or gguf_file(work["ref"], work["root"] / "gguf-q4", "int4")
-    backend = LlamaCppBackend(q4, threads=2, n_ctx=512)
-    try:
-        stream = np.random.default_rng(0).integers(10, 4000, 512)
-        lat = measure(backend, stream, bos=2, prompt_lengths=(64,), n_decode=16, repeats=3, warmup=1)
-    finally:
-        backend.close()
-    pp, tg = _bench_style(q4, threads=2, n_prompt=64, n_gen=16, reps=3)
-    run = lat["runs"][0]
-    # Same threads, same lengths. Compared on the fastest repeat of each (other jobs on a shared
-    # 2-core machine only ever slow a run down); "within noise" is a factor of 2.
-    ours_pp = run["prompt_tokens"] / run["ttft_s"]["min"]
-    ours_tg = run["decode_tokens"] / run["decode_s"]["min"]
+    # Same threads, same lengths. One thread: the suite's other worker process keeps one of the
+    # 2 cores busy, and a 2-thread decode then waits for that core at every barrier (measured
+    # 2.06x apart once). Two rounds of each, alternated, compared on the fastest repeat of each
+    # side (other jobs only ever slow a run down); "within noise" is a factor of 2.
+    stream = np.random.default_rng(0).integers(10, 4000, 512)
+    ours_pp = ours_tg = pp = tg = 0.0
+    for _ in range(2):
+        backend = LlamaCppBackend(q4, threads=1, n_ctx=512)
+        try:
+            lat = measure(backend, stream, bos=2, prompt_lengths=(64,), n_decode=16, repeats=3, warmup=1)
+        finally:
+            backend.close()
+        run = lat["runs"][0]
+        ours_pp = max(ours_pp, run["prompt_tokens"] / run["ttft_s"]["min"])
+        ours_tg = max(ours_tg, run["decode_tokens"] / run["decode_s"]["min"])
+        r_pp, r_tg = _bench_style(q4, threads=1, n_prompt=64, n_gen=16, reps=3)
+        pp, tg = max(pp, r_pp), max(tg, r_tg)
     assert 0.5 < ours_pp / pp < 2.0, (ours_pp, pp)
     assert 0.5 < ours_tg / tg < 2.0, (ours_tg, tg)
     assert lat["memory"]["rss_peak_bytes"] > q4.stat().st_size
