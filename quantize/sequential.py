@@ -65,10 +65,10 @@ STAGES = (
 )
 LINEARS = tuple(m for _, ms in STAGES for m in ms)
 # Calibration tokens whose float layer outputs score the report's rel_error: the float pass runs
-# the whole layer (MLP included) for these batches only (at least one batch). At 4 x 512 that is
-# 1 of the 4 batches: 1024 took 2, 4096 all 4, each batch a quarter of a full float forward of
-# the layer (about 1 s per E4B layer on a 2-core AVX2 CPU). 512 tokens of 2048 values each still
-# give the error to a few digits; it is a report, the codes do not depend on it.
+# the whole layer (MLP included, at the REFERENCE_STRIDE positions) for these batches only (at
+# least one batch). At 4 x 512 that is 1 of the 4 batches: 1024 took 2, 4096 all 4. 512 tokens
+# (128 scored positions of 4 x 2048 values each) still give the error to a few digits; it is a
+# report, the codes do not depend on it.
 REFERENCE_TOKENS = 512
 # The reference scores every REFERENCE_STRIDE-th position of those batches: everything from the
 # MLP on is per position (gate/up/down, AltUp's correction, the per-layer input gate), so the
