@@ -219,27 +219,55 @@ def run(recipe: Recipe, *, dry_run: bool = False, allow_pickle: bool = False, pr
 # output folder, so a failed run removes it with everything else, and removed before the
 # manifest lists the folder's files.
 SPILL_DIR = ".spill"
+# Text GGUF tensors encoded during the calibration (quantize.formats.gguf.preencode), the same way.
+PREENCODE_DIR = ".preencoded"
 
 
 def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress: bool) -> RunResult:
     """``out``: the partial folder of ``run``'s ``atomic_folder``, which removes it (spill
     included) when anything here fails."""
-    from quantize.formats.base import ExportContext
-
     spill = out / SPILL_DIR
     calib_manifest: dict | None = None
     seq = None
     importance: dict = {}
-    hashing = None
-    if needs_calibration(plan) or recipe.kv_cache.fp8:
-        # the checkpoint's sum, read while the calibration computes (quantize.background)
-        hashing = LowPriorityTask("model-hash", lambda stop: model_hash(ckpt, desc=None, workers=1, stop=stop))
-        try:
-            calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress, spill)
-        except BaseException:
-            hashing.cancel()
-            raise
-    digest = hashing.result() if hashing is not None else model_hash(ckpt)
+    hashing = preencoded = None
+    try:
+        if needs_calibration(plan) or recipe.kv_cache.fp8:
+            # the checkpoint's sum, read while the calibration computes, and the GGUF tensors that
+            # do not depend on it, encoded meanwhile (quantize.background)
+            hashing = LowPriorityTask("model-hash", lambda stop: model_hash(ckpt, desc=None, workers=1, stop=stop))
+            preencoded = _start_preencoding(recipe, ckpt, plan, out)
+            try:
+                calib_manifest, seq, importance = _calibrate(recipe, ckpt, plan, progress, spill)
+            except BaseException:
+                hashing.cancel()
+                raise
+        digest = hashing.result() if hashing is not None else model_hash(ckpt)
+        return _export(recipe, ckpt, plan, out, spill, preencoded, calib_manifest, seq, importance, digest)
+    finally:
+        if preencoded is not None:
+            preencoded.stop()
+
+
+def _start_preencoding(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path):
+    """The text GGUF's tensors that the calibration cannot change, encoding in the background
+    (``quantize.formats.gguf.preencode``), or None when there is no text GGUF or no such tensor."""
+    gguf = recipe.exports.gguf
+    if gguf is None or not gguf.enabled:
+        return None
+    from quantize.formats.base import ExportContext
+    from quantize.formats.gguf.preencode import PreEncoder
+
+    ctx = ExportContext(recipe=recipe, source=TensorSource(ckpt, plan), out_dir=out, provenance={})
+    pre = PreEncoder(ctx, gguf, out / PREENCODE_DIR)
+    return pre if pre.start() else None
+
+
+def _export(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, spill: Path, preencoded, calib_manifest,
+            seq, importance: dict, digest: str) -> RunResult:
+    """``_run_into``'s writers, evaluation and manifest, once the calibration (if any) is done."""
+    from quantize.formats.base import ExportContext
+
     source = TensorSource(
         ckpt,
         plan,
@@ -251,7 +279,7 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
         kv_scales=seq.layer_kv_scales if seq else {},
     )
     provenance = artifact_provenance(recipe, digest)
-    ctx = ExportContext(recipe=recipe, source=source, out_dir=out, provenance=provenance)
+    ctx = ExportContext(recipe=recipe, source=source, out_dir=out, provenance=provenance, preencoded=preencoded)
     artifacts: list[Path] = []
     gguf_codes: dict | None = None
     notes: list[str] = list(plan.notes)
@@ -284,7 +312,11 @@ def _run_into(recipe: Recipe, ckpt: Checkpoint, plan: Plan, out: Path, progress:
             log.warning("%s", GGUF_KV_NOTE)
             notes.append(GGUF_KV_NOTE)
         gguf_codes = text_code_sources(ctx, gguf)
-    shutil.rmtree(spill, ignore_errors=True)  # the writers are done; the manifest lists the folder as it stays
+    if preencoded is not None:
+        preencoded.stop()
+    # the writers are done; the manifest lists the folder as it stays
+    shutil.rmtree(spill, ignore_errors=True)
+    shutil.rmtree(out / PREENCODE_DIR, ignore_errors=True)
     evaluation = None
     if recipe.eval is not None:  # before the manifest, which points to the results
         evaluation = run_eval(recipe, ckpt.folder, out, artifacts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from quantize.recipe import Recipe
 from quantize.source import TensorSource
@@ -18,3 +19,6 @@ class ExportContext:
     out_dir: Path
     # recipe name, source model reference, model hash, tool version: for file metadata.
     provenance: dict
+    # Text GGUF tensors encoded while the calibration ran (``formats.gguf.preencode.PreEncoder``),
+    # or None: the GGUF writer copies what they finished and encodes the rest.
+    preencoded: Any = None

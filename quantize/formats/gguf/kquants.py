@@ -19,14 +19,15 @@ QK_K = 256
 BYTES = {t: GGML_QUANT_SIZES[t][1] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}  # per super-block of QK_K
 
 
-def encode_kquant(w: np.ndarray, qtype: T, importance: np.ndarray | None = None) -> np.ndarray:
+def encode_kquant(w: np.ndarray, qtype: T, importance: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """fp32 (rows, cols) with cols % 256 == 0 -> uint8 (rows, cols / 256 * block bytes).
 
-    ``importance``: optional per-column weights (length cols), e.g. mean squared activations."""
+    ``importance``: optional per-column weights (length cols), e.g. mean squared activations.
+    ``threads``: default ``torch.get_num_threads()``."""
     if qtype not in BYTES:
         raise ValueError(f"encode_kquant handles {', '.join(t.name for t in BYTES)}, not {qtype.name}")
     if importance is not None:
         importance = np.asarray(importance, dtype=np.float32).reshape(-1)
         if not (np.isfinite(importance).all() and (importance >= 0).all()):
             raise ValueError("importance must be finite and non-negative (mean squared activations)")
-    return quantize_rows(w, qtype, importance, threads=torch.get_num_threads())
+    return quantize_rows(w, qtype, importance, threads=threads or torch.get_num_threads())

@@ -243,29 +243,76 @@ def _values(ctx, src: str, t: Target, rows: tuple[int, int] | None = None) -> to
 STREAM_ELEMENTS = 1 << 23  # rows are read, quantized and packed in pieces of about this many values
 
 
-def _pack(ctx, src: str, t: Target, v) -> np.ndarray:
+def _pack(ctx, src: str, t: Target, v, background: bool = False) -> np.ndarray:
+    """``background``: packed beside the calibration (``preencode``): on one thread, and no torch
+    computation (an OpenMP team started from that thread would compete with the calibration's)."""
     qtype = t.choice.qtype
     if t.choice.exact:
         if not isinstance(v, QuantizedTensor) or blocks.exact_type(v) != qtype:
             got = v.scheme.label() if isinstance(v, QuantizedTensor) else "a float tensor"
             raise ExportError(f"{src}: the plan promised codes that {qtype.name} holds exactly, the source gave {got}")
         return blocks.pack_exact(v, qtype)
-    w = v.detach().to(torch.float32).reshape(-1, t.cols).numpy()
+    w = _float32(v.detach(), background).reshape(-1, t.cols)
     if qtype in kquants.BYTES:
         imp = ctx.source.importance.get(src)
         imp = None if imp is None or imp.numel() != t.cols else imp.to(torch.float32).numpy()
-        return kquants.encode_kquant(w, qtype, imp)
+        return kquants.encode_kquant(w, qtype, imp, threads=1 if background else None)
     return blocks.pack_float(w, qtype)
 
 
-def packed_chunks(ctx, t: Target):
-    """The bytes of one target as consecutive uint8 (rows, row bytes) pieces.
+def _float32(v: torch.Tensor, numpy_only: bool) -> np.ndarray:
+    """``v`` in fp32 as numpy; with ``numpy_only`` converted by numpy (bf16 widens to fp32
+    exactly: its 16 bits are the high half of the fp32 word), else by torch."""
+    if not numpy_only or v.dtype == torch.float32:
+        return v.to(torch.float32).numpy()
+    if v.dtype == torch.bfloat16:
+        return (v.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return v.numpy().astype(np.float32)
 
-    A source that can be produced row by row (``TensorSource.row_streamable``: RTN and kept
-    tensors) is read, quantized and packed ``STREAM_ELEMENTS`` values at a time, so converting
-    a 262144 x 8960 embedding table never holds more than a few hundred MB; results computed
-    ahead (GPTQ) are packed from memory. Padded vocabulary rows come last, as zeros or (``pad_row0``)
-    as copies of the first row's bytes: ggml packs each row on its own, so a copy is that row packed."""
+
+def pieces(ctx, t: Target) -> list[tuple[str, tuple[int, int] | None]]:
+    """How ``packed_chunks`` splits a target with sources: (source, rows of it or None for the
+    whole tensor as computed), in file order. A source that can be produced row by row
+    (``TensorSource.row_streamable``: RTN and kept tensors) is read, quantized and packed
+    ``STREAM_ELEMENTS`` values at a time, so converting a 262144 x 8960 embedding table never
+    holds more than a few hundred MB; results computed ahead (GPTQ) are packed from memory."""
+    out: list[tuple[str, tuple[int, int] | None]] = []
+    for src in t.sources:
+        info = ctx.source.checkpoint.tensors[src]
+        n_rows = info.shape[0] if info.shape else 1
+        per_row = info.numel // max(n_rows, 1)
+        if ctx.source.row_streamable(src) and info.numel > STREAM_ELEMENTS and per_row % t.cols == 0:
+            step = max(1, STREAM_ELEMENTS // per_row)
+            out += [(src, (r0, min(n_rows, r0 + step))) for r0 in range(0, n_rows, step)]
+        else:
+            out.append((src, None))
+    return out
+
+
+def pack_piece(ctx, t: Target, src: str, rng: tuple[int, int] | None, background: bool = False) -> np.ndarray:
+    """One piece of ``pieces(ctx, t)`` packed: uint8 (rows, row bytes of the target's type);
+    ``background``: see ``_pack`` (the same bytes)."""
+    part = _pack(ctx, src, t, _values(ctx, src, t, rng), background)
+    if part.shape[1] != blocks.row_bytes(t.choice.qtype, t.cols):
+        raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {t.choice.qtype.name} {t.shape}")
+    return part
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The first ``pieces`` pieces of a target, packed elsewhere (``preencode``): ``rows`` rows
+    in all, the first of which is ``first`` (its bytes: ``pad_row0`` copies it)."""
+
+    pieces: int
+    rows: int
+    first: np.ndarray
+
+
+def packed_chunks(ctx, t: Target, resume: Resume | None = None):
+    """The bytes of one target as consecutive uint8 (rows, row bytes) pieces (see ``pieces``),
+    from piece ``resume.pieces`` on when the first ones were packed elsewhere. Padded vocabulary
+    rows come last, as zeros or (``pad_row0``) as copies of the first row's bytes: ggml packs
+    each row on its own, so a copy is that row packed."""
     qtype = t.choice.qtype
     rb = blocks.row_bytes(qtype, t.cols)
     if not t.sources:
@@ -273,24 +320,15 @@ def packed_chunks(ctx, t: Target):
         for r0 in range(0, t.rows, step):
             yield np.zeros((min(step, t.rows - r0), rb), np.uint8)
         return
-    done = 0
-    for src in t.sources:
-        info = ctx.source.checkpoint.tensors[src]
-        n_rows = info.shape[0] if info.shape else 1
-        per_row = info.numel // max(n_rows, 1)
-        if ctx.source.row_streamable(src) and info.numel > STREAM_ELEMENTS and per_row % t.cols == 0:
-            step = max(1, STREAM_ELEMENTS // per_row)
-            ranges = [(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
-        else:
-            ranges = [None]  # the whole tensor, as computed
-        for rng in ranges:
-            part = _pack(ctx, src, t, _values(ctx, src, t, rng))
-            if part.shape[1] != rb or done + part.shape[0] + t.pad_rows > t.rows:
-                raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {qtype.name} {t.shape}")
-            if done == 0:
-                first = part[:1].copy()
-            done += part.shape[0]
-            yield part
+    done, first = (resume.rows, resume.first) if resume is not None else (0, None)
+    for src, rng in pieces(ctx, t)[resume.pieces if resume is not None else 0:]:
+        part = pack_piece(ctx, t, src, rng)
+        if done + part.shape[0] + t.pad_rows > t.rows:
+            raise ExportError(f"{t.gguf}: packed {part.shape} from {src} does not fit {qtype.name} {t.shape}")
+        if first is None:
+            first = part[:1].copy()
+        done += part.shape[0]
+        yield part
     if done + t.pad_rows != t.rows:
         raise ExportError(f"{t.gguf}: packed {done} rows (+{t.pad_rows} padding), expected {t.rows} for {t.shape}")
     if t.pad_rows:
@@ -303,14 +341,19 @@ def packed_chunks(ctx, t: Target):
 class _StreamedTensor:
     """What ``GGUFWriter.write_tensor_data`` needs of an array (``nbytes``, ``tofile``), with the
     bytes produced piece by piece: the writer keeps its alignment and bookkeeping, we keep peak
-    memory at one piece instead of one tensor."""
+    memory at one piece instead of one tensor. Pieces encoded ahead (``ctx.preencoded``, see
+    ``preencode``) are copied from their file; the rest are packed here."""
 
     def __init__(self, ctx, t: Target):
         self.ctx, self.t, self.nbytes = ctx, t, t.nbytes
 
     def tofile(self, fout) -> None:
         written = 0
-        for part in packed_chunks(self.ctx, self.t):
+        pre = self.ctx.preencoded
+        done = pre.take(self.t, self.ctx.source) if pre is not None else None
+        if done is not None:
+            written += done.copy_to(fout)
+        for part in (packed_chunks(self.ctx, self.t, done.resume) if done is not None else packed_chunks(self.ctx, self.t)):
             fout.write(np.ascontiguousarray(part).data)
             written += part.nbytes
         if written != self.nbytes:
