@@ -7,7 +7,9 @@ that thread only, not the calibration's), so that it takes a core only when the 
 leaves one idle; ``result()`` waits for whatever is left, which is at worst the time the work
 took in series. Not for CPU-bound torch work: the embedding tables' importance search tried
 this way (2026-12-01) slowed the 35-layer decoder from 418 to 493 s, more than the 30 s it
-hid (its OpenMP team competes with the calibration's even at nice 19).
+hid (its OpenMP team competes with the calibration's even at nice 19). CPU-bound work without
+torch fits in small slices (``quantize.formats.gguf.preencode``: ggml's K-quant encoder on the
+embedding tables, a few MB of cache at a time).
 """
 from __future__ import annotations
 
