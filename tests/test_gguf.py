@@ -380,11 +380,11 @@ def test_interrupted_write_leaves_no_gguf(tiny_random, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = writer.packed_chunks
 
-    def boom(ctx, t):
+    def boom(ctx, t, resume=None):
         calls["n"] += 1
         if calls["n"] == 50:
             raise KeyboardInterrupt
-        return real(ctx, t)
+        return real(ctx, t, resume)
 
     monkeypatch.setattr(writer, "packed_chunks", boom)
     ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0")

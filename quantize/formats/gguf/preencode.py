@@ -7,9 +7,9 @@ of a 2-core AVX2 CPU, some 2 minutes of the export on both cores. Its bytes do n
 calibration: no statistics are ever collected for the embedding tables (``PREENCODED_TOWERS``).
 So ``PreEncoder`` packs such targets during the calibration with the writer's own functions
 (``writer.pieces`` / ``writer.pack_piece``: the same pieces, the same bytes), piece by piece
-into a file each, on a ``quantize.background.LowPriorityTask`` (nice 19: it takes a core only
-when the calibration leaves one idle; measured on 2 E4B-shaped layers, the calibration took
-63.2 s beside it and 63.3 s without). When the GGUF writer reaches such a target it stops the
+into a file each, on a ``quantize.background.LowPriorityTask`` (nice 19: it takes a core mostly
+when the calibration leaves one idle, not only then: on 2 E4B-shaped layers the calibration
+took 3-5 s longer beside it and the export 7-8 s less, README). When the GGUF writer reaches such a target it stops the
 work (the piece under way finishes), copies the finished pieces and packs only the rest
 (``writer.Resume``): never a wait, at worst no gain.
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from quantize.background import LowPriorityTask
 from quantize.errors import ExportError
-from quantize.formats.gguf import kquants
+from quantize.formats.gguf import blocks, kquants
 from quantize.formats.gguf.writer import Resume, Target, pack_piece, pieces, plan_text
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,6 @@ class _Progress:
     path: Path
     pieces: int = 0
     rows: int = 0
-    nbytes: int = 0
     first: np.ndarray | None = None
 
 
@@ -131,7 +130,6 @@ class PreEncoder:
                         if p.first is None:
                             p.first = part[:1].copy()
                         p.rows += part.shape[0]
-                        p.nbytes += part.nbytes
                     p.pieces += 1
                     n += 1
         return n
@@ -155,4 +153,4 @@ class PreEncoder:
         if src in source.precomputed or source.changed(src) or src in source.importance or not source.row_streamable(src):
             return None
         log.info("%s: %d of %d pieces encoded during the calibration", t.gguf, p.pieces, len(pieces(self.ctx, t)))
-        return Taken(p.path, p.nbytes, Resume(p.pieces, p.rows, p.first))
+        return Taken(p.path, p.rows * blocks.row_bytes(t.choice.qtype, t.cols), Resume(p.pieces, p.rows, p.first))

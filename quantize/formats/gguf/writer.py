@@ -353,7 +353,7 @@ class _StreamedTensor:
         done = pre.take(self.t, self.ctx.source) if pre is not None else None
         if done is not None:
             written += done.copy_to(fout)
-        for part in (packed_chunks(self.ctx, self.t, done.resume) if done is not None else packed_chunks(self.ctx, self.t)):
+        for part in packed_chunks(self.ctx, self.t, done.resume if done is not None else None):
             fout.write(np.ascontiguousarray(part).data)
             written += part.nbytes
         if written != self.nbytes:
