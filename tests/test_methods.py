@@ -602,29 +602,49 @@ def assert_gptq_is_the_textbook_algorithm(w, given, h, act_order, symmetric, gro
         assert gap_new <= max(2 * abs(obj(*f32) - best), 1e-2 * best), (block, gap_new, best)
 
 
+@pytest.mark.parametrize("impl", ["blas", "torch"])
 @pytest.mark.parametrize("block", [64, 300, 512])
-def test_low_rank_factor_is_the_reversed_cholesky_of_diagonal_plus_rank_t(block):
-    """``_low_rank_factor`` of Z (t x n, t < n) and a diagonal: assembled into the dense upper R
-    (diagonal blocks; R[j, k] = z_j . g_k above them) it satisfies R R^T = Z^T Z + diag in
-    float64 to rounding, and equals the dense reversed Cholesky of that matrix (unique)."""
-    from quantize.methods.gptq import _low_rank_factor
+def test_low_rank_factor_is_the_reversed_cholesky_of_diagonal_plus_rank_t(block, impl):
+    """``_low_rank_factor`` of Z (n x t, t < n) and a diagonal: assembled into the dense upper R
+    (diagonal blocks; R[j, k] = z_j . g_k above them) it satisfies R R^T = Z Z^T + diag in
+    float64 to rounding, and equals the dense reversed Cholesky of that matrix (unique). Both
+    implementations: the CPU's BLAS one (Phi's lower triangle only) and torch's (other devices)."""
+    from quantize.methods import gptq
 
+    factor = {"blas": gptq._low_rank_factor_blas, "torch": gptq._low_rank_factor_torch}[impl]
     g = torch.Generator().manual_seed(5)
     n = 300
-    zt = torch.randn(40, n, generator=g, dtype=torch.float64) / 6
+    z = torch.randn(n, 40, generator=g, dtype=torch.float64) / 6
     extra = torch.rand(n, generator=g, dtype=torch.float64) * 0.1 + 0.01
-    r_blocks, gmat = _low_rank_factor(zt, extra, block)
+    r_blocks, gt = factor(z, extra, block)
     r = torch.zeros(n, n, dtype=torch.float64)
     for bi, i1 in enumerate(range(0, n, block)):
         i2 = min(i1 + block, n)
         r[i1:i2, i1:i2] = r_blocks[bi]
-        r[:i1, i1:i2] = zt[:, :i1].t() @ gmat[:, i1:i2]
-    h = zt.t() @ zt + torch.diag(extra)
+        r[:i1, i1:i2] = z[:i1] @ gt[i1:i2].t()
+    h = z @ z.t() + torch.diag(extra)
     assert torch.equal(r, r.triu())
     torch.testing.assert_close(r @ r.t(), h, rtol=0, atol=1e-12)
     dense, info = reverse_cholesky(h.clone())
     assert info == 0
     torch.testing.assert_close(r, dense, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["blas", "torch"])
+def test_low_rank_factor_names_the_column_where_it_fails(impl):
+    """A matrix that is not positive definite: both implementations name the same (0-based)
+    column, the one where the dense reversed Cholesky fails (``reverse_cholesky``'s 1-based)."""
+    from quantize.methods import gptq
+
+    factor = {"blas": gptq._low_rank_factor_blas, "torch": gptq._low_rank_factor_torch}[impl]
+    g = torch.Generator().manual_seed(6)
+    n = 200
+    z = torch.randn(n, 20, generator=g, dtype=torch.float64) / 4
+    extra = torch.full((n,), 0.05, dtype=torch.float64)
+    extra[150] = -10.0  # the diagonal there is negative whatever Z adds
+    dense_info = reverse_cholesky(z @ z.t() + torch.diag(extra))[1]
+    assert dense_info > 0
+    assert factor(z, extra, 64) == dense_info - 1 == 150
 
 
 @pytest.mark.parametrize("module", ["q_proj", "down_proj"])
