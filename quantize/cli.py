@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 
@@ -220,26 +219,8 @@ def _on_sigint(signum, frame):
     raise Interrupted()
 
 
-def openmp_waits_passively(environ=None, modules=None) -> bool:
-    """Sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment names a policy, and only while torch
-    is not loaded yet (its OpenMP runtime reads the variable once, when torch loads it); returns
-    whether it did. Why: a calibrated run encodes the per-layer table on a nice-19 thread
-    (quantize/formats/gguf/preencode.py) that gets only idle CPU, and OpenMP's idle workers spin
-    between the many small parallel regions of GPTQ's column loop, so a core is rarely idle.
-    Measured on 10 E4B-shaped layers (bench/gpu_run.py, AVX2 CPU, 2 cores, 2026-12-03): the
-    pre-encoder finished all 81 pieces instead of 25-26 and the runs took 177.8 / 193.1 s
-    instead of 199.9 / 202.5 (the calibration itself -4 / +15 s); the GGUF is the same bytes."""
-    environ = os.environ if environ is None else environ
-    modules = sys.modules if modules is None else modules
-    if "torch" in modules or "OMP_WAIT_POLICY" in environ:
-        return False
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    openmp_waits_passively()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

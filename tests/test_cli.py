@@ -1,5 +1,4 @@
 """Command line: exit codes, one-line errors, no partial output, dry-run plan, inspect."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,36 +113,3 @@ def test_pickle_checkpoint_converted_only_with_flag(tmp_path, tiny_random, monke
     ckpt = Checkpoint(folder)
     name = "model.language_model.layers.0.mlp.down_proj.weight"
     assert torch.equal(ckpt.get(name), state[name])
-
-
-def test_openmp_waits_passively_only_where_it_can_take_effect():
-    """The default is set only while torch is not loaded (its OpenMP runtime reads the variable
-    once, when torch loads it) and never over the user's own policy."""
-    from quantize.cli import openmp_waits_passively
-
-    env: dict = {}
-    assert openmp_waits_passively(env, modules={}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert not openmp_waits_passively(env, modules={}) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
-    env = {}
-    assert not openmp_waits_passively(env, modules={"torch": object()}) and env == {}
-
-
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_cli_sets_the_openmp_policy_before_torch_loads(tiny_random, given, expected):
-    """In a fresh process the command line loads torch only after the policy is in the environment
-    (importing quantize.cli loads no torch), and a policy the user gave stays theirs."""
-    script = (
-        "import os, sys\n"
-        "from quantize.cli import main\n"
-        "assert 'torch' not in sys.modules, 'quantize.cli loaded torch'\n"
-        f"rc = main(['run', 'recipes/demo.yaml', '--model', {str(tiny_random)!r}, '--dry-run'])\n"
-        "assert rc == 0 and 'torch' in sys.modules\n"
-        "print('policy=' + os.environ.get('OMP_WAIT_POLICY', ''))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given is not None:
-        env["OMP_WAIT_POLICY"] = given
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert f"policy={expected}" in r.stdout.splitlines()
