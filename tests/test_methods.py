@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantize.methods.awq import absorb_into_linear, absorb_into_norm, awq_search
-from quantize.methods.gptq import _all_finite, gptq_quantize, reverse_cholesky
+from quantize.methods.gptq import _all_finite, gptq_quantize, gptq_quantize_shared, reverse_cholesky
 from quantize.methods.rtn import quantize_rtn
 from quantize.methods.stats import ActStats, GramRows, HessianAccumulator
 from quantize.schemes import QuantScheme, resolve_scheme
@@ -515,7 +515,8 @@ def gptq_reference(weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantSch
 def trained_layer(tiny_trained):
     """A trained decoder layer's q_proj and down_proj with Hessians from their real inputs on
     the embedded calibration text (fewer tokens than down_proj's 512 inputs: a singular
-    Hessian that only the dampening makes invertible, as with short calibration on E4B)."""
+    Hessian that only the dampening makes invertible, as with short calibration on E4B), and
+    its k_proj and v_proj with q_proj's Hessian (the same input)."""
     from safetensors import safe_open
     from transformers import AutoTokenizer, Gemma3nForConditionalGeneration
 
@@ -540,8 +541,13 @@ def trained_layer(tiny_trained):
     prefix = "model.language_model.layers.2."
     with safe_open(str(tiny_trained / "model.safetensors"), framework="pt") as f:
         weights = {"q_proj": f.get_tensor(prefix + "self_attn.q_proj.weight"),
-                   "down_proj": f.get_tensor(prefix + "mlp.down_proj.weight")}
-    return {k: (weights[k].to(torch.float32), acc[k].hessian(), GramRows(torch.cat(inputs[k]))) for k in mods}
+                   "down_proj": f.get_tensor(prefix + "mlp.down_proj.weight"),
+                   "k_proj": f.get_tensor(prefix + "self_attn.k_proj.weight"),
+                   "v_proj": f.get_tensor(prefix + "self_attn.v_proj.weight")}
+    out = {k: (weights[k].to(torch.float32), acc[k].hessian(), GramRows(torch.cat(inputs[k]))) for k in mods}
+    for k in ("k_proj", "v_proj"):  # q_proj's input: its Hessian
+        out[k] = (weights[k].to(torch.float32),) + out["q_proj"][1:]
+    return out
 
 
 def gptq_objective(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -579,13 +585,14 @@ def test_gptq_from_input_rows_is_the_textbook_algorithm(trained_layer, module, s
     assert_gptq_is_the_textbook_algorithm(w, x, h, True, symmetric, group_size)
 
 
-def assert_gptq_is_the_textbook_algorithm(w, given, h, act_order, symmetric, group_size):
-    """``gptq_quantize`` on ``given`` (H or its rows) against ``gptq_reference`` on ``h``."""
+def assert_gptq_is_the_textbook_algorithm(w, given, h, act_order, symmetric, group_size, quantize=None):
+    """``gptq_quantize`` on ``given`` (H or its rows) against ``gptq_reference`` on ``h``;
+    ``quantize(given, scheme)``: what gives the result instead, if not ``gptq_quantize``."""
     # block 48 (not a multiple of 32) puts group starts mid-block and groups across blocks
     for block in (128, 48):
         scheme = QuantScheme(type="int4", method="gptq", group_size=group_size, symmetric=symmetric,
                              act_order=act_order, block_size=block)
-        got = gptq_quantize("w", w, given, scheme)
+        got = quantize(given, scheme) if quantize is not None else gptq_quantize("w", w, given, scheme)
         assert "fallback" not in got.info
         exact = gptq_reference(w, h, scheme, dtype=torch.float64)
         f32 = gptq_reference(w, h.float(), scheme)
@@ -600,6 +607,58 @@ def assert_gptq_is_the_textbook_algorithm(w, given, h, act_order, symmetric, gro
         # (the textbook in float32 measured up to 0.7% of the objective on these layers, and the
         # same run's gap moves with BLAS threading); the code count above is the sharper check
         assert gap_new <= max(2 * abs(obj(*f32) - best), 1e-2 * best), (block, gap_new, best)
+
+
+@pytest.mark.parametrize("given", ["hessian", "rows"])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_shared_hessian_gives_each_tensor_its_own_result(trained_layer, given, act_order, symmetric):
+    """q/k/v (one input, one Hessian) stacked in one GPTQ run: each comes back under its own
+    name and shape with the codes and scales GPTQ gives it alone (GPTQ is per row given H: the
+    same sums in the same order, bit for bit with this machine's BLAS), from H or from the input
+    rows (low-rank with act-order; H formed from them without); and q_proj's is as close to the
+    float64 textbook run as the textbook's own float32 run. (k/v alone against the textbook:
+    their 128 x 256 codes flip up to 0.4% there, alone as stacked, beyond that test's bound.)"""
+    names = ["q_proj", "k_proj", "v_proj"]
+    ws = [trained_layer[n][0] for n in names]
+    _w, h, x = trained_layer["q_proj"]
+    if given == "rows":
+        given_h, h = x, x.x.double().T @ x.x.double() / x.x.shape[0]
+    else:
+        given_h = h
+    for block in (128, 48):
+        scheme = QuantScheme(type="int4", method="gptq", group_size=32, symmetric=symmetric, act_order=act_order,
+                             block_size=block)
+        res = gptq_quantize_shared(names, ws, given_h, scheme)
+        assert [r.name for r in res] == names
+        for r, n, w in zip(res, names, ws):
+            alone = gptq_quantize(n, w, given_h, scheme)
+            assert r.shape == alone.shape == tuple(w.shape) and "fallback" not in r.info
+            assert torch.equal(r.codes, alone.codes) and torch.equal(r.scales, alone.scales), n
+            assert (r.zero_points is None) == symmetric
+            if not symmetric:
+                assert torch.equal(r.zero_points, alone.zero_points), n
+            assert r.info["loss"] == pytest.approx(alone.info["loss"], rel=1e-6)
+
+    def quantize(g, scheme):
+        return gptq_quantize_shared(names, ws, g, scheme)[0]
+    assert_gptq_is_the_textbook_algorithm(ws[0], given_h, h, act_order, symmetric, 32, quantize=quantize)
+
+
+def test_gptq_shared_checks_widths_and_falls_back_per_tensor():
+    """Tensors of other input widths cannot share a Hessian (one line naming both); a Hessian
+    that is not positive definite gives each tensor its own RTN result, under its own name."""
+    from quantize.methods.gptq import HessianShapeError
+
+    scheme = QuantScheme(type="int4", method="gptq")
+    with pytest.raises(HessianShapeError, match=r"a \+ b: one Hessian cannot serve input widths \[64, 128\]"):
+        gptq_quantize_shared(["a", "b"], [torch.randn(8, 64), torch.randn(8, 128)], torch.eye(64), scheme)
+    ws = [torch.randn(8, 64), torch.randn(4, 64)]
+    res = gptq_quantize_shared(["a", "b"], ws, -torch.eye(64), scheme)
+    for r, n, w in zip(res, ["a", "b"], ws):
+        assert r.name == n and "not positive definite" in r.info["fallback"]
+        ref = quantize_rtn(n, w, scheme)
+        assert torch.equal(r.codes, ref.codes) and torch.equal(r.scales, ref.scales)
 
 
 @pytest.mark.parametrize("impl", ["blas", "torch"])

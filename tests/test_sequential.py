@@ -453,14 +453,15 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     monkeypatch.setattr(seq, "ATTN_REUSE_BYTES", attn_budget)
     _, pristine = random_model
     got = {}
-    real = seq.gptq_quantize
+    real = seq.gptq_quantize_shared
 
-    def spy(name, weight, hessian, scheme, **kw):
+    def spy(names, weights, hessian, scheme, **kw):
         assert hessian.device.type == device
-        got[name] = hessian.detach().to("cpu", torch.float64, copy=True)  # before GPTQ consumes it
-        return real(name, weight, hessian, scheme, **kw)
+        for name in names:
+            got[name] = hessian.detach().to("cpu", torch.float64, copy=True)  # before GPTQ consumes it
+        return real(names, weights, hessian, scheme, **kw)
 
-    monkeypatch.setattr(seq, "gptq_quantize", spy)
+    monkeypatch.setattr(seq, "gptq_quantize_shared", spy)
     batches = make_batches()
     layers = {i: existing_linears(fresh, i) for i in (0, 1)}
     schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i, ms in layers.items() for m in ms}
@@ -495,6 +496,40 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
     assert_stage_hessians_are_second_moments(fresh, pristine, layers, res, got, batches)
 
 
+def test_a_stages_gptq_linears_with_one_scheme_are_stacked_up_to_the_row_limit(fresh, monkeypatch):
+    """Layer 0's q/k share a scheme and fit GPTQ_STACK_ROWS (set to their rows): one GPTQ call
+    for both; v_proj (another group size), o_proj, down_proj and gate/up (over the limit
+    together) each alone. Every tensor's codes and scales are those of the run that stacks
+    nothing, bit for bit (GPTQ is per row given the stage's Hessian)."""
+    import quantize.sequential as seq
+
+    l0 = fresh.model.language_model.layers[0]
+    rows = {m: l0.get_submodule(m).out_features for m in existing_linears(fresh, 0)}
+    limit = rows["self_attn.q_proj"] + rows["self_attn.k_proj"]
+    assert rows["mlp.gate_proj"] + rows["mlp.up_proj"] > limit
+    schemes = {text_linear_name(0, m): PRESET_SCHEMES["int4_gptq"] for m in rows}
+    schemes[text_linear_name(0, "self_attn.v_proj")] = QuantScheme(type="int4", method="gptq", group_size=64)
+    pristine = {k: v.clone() for k, v in fresh.state_dict().items()}
+    calls, out = {}, {}
+    real = seq.gptq_quantize_shared
+    for key, stack_rows in (("stacked", limit), ("alone", 0)):
+        def spy(names, weights, hessian, scheme, key=key, **kw):
+            calls.setdefault(key, []).append([n.split(".")[-2] for n in names])
+            return real(names, weights, hessian, scheme, **kw)
+
+        monkeypatch.setattr(seq, "gptq_quantize_shared", spy)
+        monkeypatch.setattr(seq, "GPTQ_STACK_ROWS", stack_rows)
+        fresh.load_state_dict(pristine)
+        out[key] = quantize_text_decoder(fresh, schemes, make_batches(), progress=False).tensors
+    assert calls["stacked"] == [["q_proj", "k_proj"], ["v_proj"], ["o_proj"], ["gate_proj"], ["up_proj"], ["down_proj"]]
+    assert calls["alone"] == [[m.split(".")[-1]] for m in rows]
+    assert set(out["stacked"]) == set(out["alone"]) == set(schemes)
+    for n, qt in out["stacked"].items():
+        ref = out["alone"][n]
+        assert qt.name == n and qt.shape == ref.shape
+        assert torch.equal(qt.codes, ref.codes) and torch.equal(qt.scales, ref.scales), n
+
+
 def test_bf16_engine_hessians_are_the_bf16_models_own_inputs_second_moment(tiny_random, monkeypatch):
     """``compute_dtype=torch.bfloat16`` on a bf16 model: every stage's Hessian of layers 0 and 1
     is mean x x^T of the linear's input in the bf16 model's own full forward (transformers'),
@@ -508,14 +543,15 @@ def test_bf16_engine_hessians_are_the_bf16_models_own_inputs_second_moment(tiny_
     model = Gemma3nForConditionalGeneration.from_pretrained(tiny_random, dtype=torch.bfloat16).eval()
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
     got = {}
-    real = seq.gptq_quantize
+    real = seq.gptq_quantize_shared
 
-    def spy(name, weight, hessian, scheme, **kw):
-        assert hessian.dtype == torch.float32 and weight.dtype == torch.bfloat16
-        got[name] = hessian.detach().to(torch.float64, copy=True)
-        return real(name, weight, hessian, scheme, **kw)
+    def spy(names, weights, hessian, scheme, **kw):
+        assert hessian.dtype == torch.float32 and all(w.dtype == torch.bfloat16 for w in weights)
+        for name in names:
+            got[name] = hessian.detach().to(torch.float64, copy=True)
+        return real(names, weights, hessian, scheme, **kw)
 
-    monkeypatch.setattr(seq, "gptq_quantize", spy)
+    monkeypatch.setattr(seq, "gptq_quantize_shared", spy)
     batches = make_batches()
     layers = {i: existing_linears(model, i) for i in (0, 1)}
     schemes = {text_linear_name(i, m): PRESET_SCHEMES["int4_gptq"] for i, ms in layers.items() for m in ms}
@@ -605,16 +641,17 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
 
     load, mean_kl = held_out_kl(tiny_trained, stored=torch.float32)
     calib = text_batches(tiny_trained, n=2, tokens=32)
-    real = seq.gptq_quantize
+    real = seq.gptq_quantize_shared
     got: dict[str, dict] = {"rows": {}, "dense": {}}  # run -> name -> (given rows?, the H they define)
     kl, codes = {}, {}
     for key, divisor in (("rows", seq.LOW_RANK_DIVISOR), ("dense", 10**9)):
-        def spy(name, weight, hessian, scheme, key=key, **kw):
+        def spy(names, weights, hessian, scheme, key=key, **kw):
             rows = isinstance(hessian, GramRows)
-            got[key][name] = (rows, hessian.dense() if rows else hessian.clone())
-            return real(name, weight, hessian, scheme, **kw)
+            for name in names:
+                got[key][name] = (rows, hessian.dense() if rows else hessian.clone())
+            return real(names, weights, hessian, scheme, **kw)
 
-        monkeypatch.setattr(seq, "gptq_quantize", spy)
+        monkeypatch.setattr(seq, "gptq_quantize_shared", spy)
         monkeypatch.setattr(seq, "LOW_RANK_DIVISOR", divisor)
         model = load(torch.float32)
         scheme = QuantScheme(type="int4", method="gptq", group_size=32, act_order=True)
