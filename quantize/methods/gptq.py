@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ def gptq_quantize_shared(names: Sequence[str], weights: Sequence[torch.Tensor], 
     widths = {p.shape[1] for p in parts}
     if len(widths) != 1:
         raise HessianShapeError(f"{name}: one Hessian cannot serve input widths {sorted(widths)}")
-    split = _Split(list(names), list(weights), [p.shape[0] for p in parts])
+    split = _Split(list(names), list(weights))
     orig = parts[0] if len(parts) == 1 else torch.cat(parts)
     del parts
     rows, cols = orig.shape
@@ -281,12 +282,12 @@ def _transposed(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return wt if perm is None else wt.index_select(0, perm)
 
 
-class _Split:
-    """Where the stacked rows of ``gptq_quantize_shared`` came from: each tensor's name, its
-    weight as given (for its shape and the RTN fallback) and its number of rows, in order."""
+class _Split(NamedTuple):
+    """Where the stacked rows of ``gptq_quantize_shared`` came from, in order: each tensor's
+    name and its weight as given (its shape, its rows, the RTN fallback's input)."""
 
-    def __init__(self, names: list[str], weights: list[torch.Tensor], rows: list[int]):
-        self.names, self.weights, self.rows = names, weights, rows
+    names: list[str]
+    weights: list[torch.Tensor]
 
 
 def _result(split: _Split, scheme, codes_t, loss, scales, zeros, perm, dead) -> list[QuantizedTensor]:
@@ -296,8 +297,8 @@ def _result(split: _Split, scheme, codes_t, loss, scales, zeros, perm, dead) -> 
         codes_t = unperm
     out = []
     r0 = 0
-    for name, weight, n in zip(split.names, split.weights, split.rows):
-        r1 = r0 + n
+    for name, weight in zip(split.names, split.weights):
+        r1 = r0 + weight.shape[0]  # as_rows keeps the first dimension
         out.append(QuantizedTensor(
             name=name,
             shape=tuple(weight.shape),
