@@ -434,6 +434,24 @@ def test_permute_symmetric_in_place_is_fancy_indexing():
         assert torch.equal(got, h[perm][:, perm])
 
 
+@pytest.mark.parametrize("rows", [1, 31, 32, 33, 70])
+def test_transposed_copy_is_fancy_indexing(rows):
+    """GPTQ's transposed copies (the weights, and the inputs of a low-rank down_proj) move slabs of
+    rows; whatever the slab size against the row count, each is ``w[:, perm].T`` (or ``w.T``)."""
+    from quantize.methods.gptq import TRANSPOSE_SLAB, _transposed
+
+    g = torch.Generator().manual_seed(17)
+    w = torch.randn(rows, 45, generator=g)
+    assert TRANSPOSE_SLAB < 70  # the parametrisation crosses slab edges
+    for perm in (None, torch.randperm(45, generator=g), torch.arange(44, -1, -1)):
+        got = _transposed(w, perm)
+        want = w.T if perm is None else w[:, perm].T
+        assert got.shape == (45, rows) and got.is_contiguous()
+        assert torch.equal(got, want)
+    # a non-contiguous source (a column slice, as a caller's view may be)
+    assert torch.equal(_transposed(w[:, 5:40], None), w[:, 5:40].T)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_consuming_the_hessian_gives_the_same_codes(act_order):
     """The last linear of a stage lets GPTQ work in the Hessian's own memory: same codes, scales
