@@ -4,6 +4,7 @@
     python bench/e4b_calibrated.py --calib 4x512 32x512  # both token counts of issue 13
     python bench/e4b_calibrated.py --size e4b-2          # E4B widths, 2 layers (a quick check)
     python bench/e4b_calibrated.py --calib 32x512 --compute-dtype float32    # the recipe with compute_dtype pinned
+    python bench/e4b_calibrated.py --repeat 3            # both sides 3 times, back to back: medians, each run's ratio
 
 One checkpoint of E4B's real text shapes (bench/synthetic_e4b.py, random bf16; the one
 bench/conversion_cost.py keeps with ``--keep-checkpoint`` is reused), then per calibration size,
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 GiB = 2**30
 TARGET_RSS, TARGET_WALL = 0.35, 1.5
+STEPS = ("convert", "imatrix", "quantize")  # llama.cpp's side, in order
 
 
 def parse_args(argv=None):
@@ -59,6 +62,9 @@ def parse_args(argv=None):
                    help="where the synthetic checkpoint lives (shared with bench/conversion_cost.py)")
     p.add_argument("--tools", default=str(ROOT / ".cache" / "llama.cpp-tools" / "tools.json"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run both sides this many times per calibration size, each of our runs followed by llama.cpp's, "
+                        "and report the medians (a shared VM's speed drifts over minutes; adjacent pairs see the same load)")
     p.add_argument("--tag", default=None,
                    help="results as e4b_calibrated-TAG (another machine's rows, e.g. avx2: they are not comparable "
                         "with the default file's)")
@@ -153,6 +159,30 @@ def run_calib(model: Path, n: int, length: int, args, tools, work: Path) -> dict
     return res
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row from ``--repeat`` runs of ``run_calib`` on the same size: every time, CPU time and
+    peak (ours, and each llama.cpp step and their sums) is the median over the runs, and each
+    ratio is the median of the runs' own ratios (each run's two sides ran back to back, so a
+    pair's ratio saw one load). ``repeats`` keeps each run's wall times, ratios and load."""
+    if len(runs) == 1:
+        return runs[0]
+    med = statistics.median
+
+    def medians(dicts: list[dict]) -> dict:
+        return {k: med(d[k] for d in dicts) for k in dicts[0] if isinstance(dicts[0][k], (int, float))}
+
+    r = dict(runs[-1])  # the size, dtypes and calibration text are the same in every run
+    r["ours"] = medians([x["ours"] for x in runs])
+    lc = medians([x["llamacpp"] for x in runs])
+    for step in STEPS:
+        lc[step] = medians([x["llamacpp"][step] for x in runs])
+    r["llamacpp"] = lc
+    r["ratio"] = medians([x["ratio"] for x in runs])
+    r["repeats"] = [{"ours_wall_s": x["ours"]["wall_s"], "llamacpp_wall_s": x["llamacpp"]["wall_s"],
+                     "ratio": x["ratio"], "load_average": x.get("load_average")} for x in runs]
+    return r
+
+
 def verdict(r: dict) -> str:
     if r["layers"] != 35:  # a cut-down checkpoint: llama.cpp's peak shrinks with its per-layer table
         return f"not a target row ({r['layers']} of E4B's 35 layers: per-layer cost and peak only)"
@@ -171,6 +201,14 @@ def _outtype(r: dict) -> str:
     return r.get("llamacpp_outtype", "f16")
 
 
+def wall_ratio_cell(r: dict) -> str:
+    """The wall ratio; for a ``--repeat`` row the median, with each run's ratio in run order."""
+    reps = r.get("repeats")
+    if not reps:
+        return f"{r['ratio']['wall']:.2f}"
+    return f"{r['ratio']['wall']:.2f} (median of {len(reps)}: " + ", ".join(f"{x['ratio']['wall']:.2f}" for x in reps) + ")"
+
+
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| calibration | layers | our compute dtype | ours wall s (CPU s) | ours peak GiB | llama.cpp converts to | llama.cpp wall s "
@@ -179,10 +217,10 @@ def markdown(rows: list[dict], header: str) -> str:
              "|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lc = r["llamacpp"]
-        parts = " + ".join(f"{lc[s]['wall_s']:.0f}" for s in ("convert", "imatrix", "quantize"))
+        parts = " + ".join(f"{lc[s]['wall_s']:.0f}" for s in STEPS)
         lines.append(f"| {r['calib']} | {r['layers']} | {_dtype(r)} | {r['ours']['wall_s']:.0f} ({r['ours']['cpu_s']:.0f}) | "
                      f"{r['ours']['peak_rss_bytes'] / GiB:.2f} | {_outtype(r)} | {lc['wall_s']:.0f} ({parts}; {lc['cpu_s']:.0f}) | "
-                     f"{lc['peak_rss_bytes'] / GiB:.2f} | {r['ratio']['wall']:.2f} | {r['ratio']['cpu']:.2f} | "
+                     f"{lc['peak_rss_bytes'] / GiB:.2f} | {wall_ratio_cell(r)} | {r['ratio']['cpu']:.2f} | "
                      f"{r['ratio']['peak_rss']:.3f} | {verdict(r)} |")
     return "\n".join(lines) + "\n"
 
@@ -194,6 +232,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     calibs = [parse_calib(c) for c in args.calib]
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat {args.repeat}: give 1 or more runs")
     tools = lt.find_tools(args.tools)
     for exe in ("llama-imatrix", "llama-quantize"):
         if not tools.has(exe) or tools.converter is None:
@@ -210,7 +250,7 @@ def main(argv=None) -> int:
     key = lambda r: (r["calib"], r["layers"], r.get("compute_dtype", "float32"), _outtype(r))  # noqa: E731
     rows = {key(r): r for r in old}
     for n, length in calibs:
-        r = run_calib(model, n, length, args, tools, work)
+        r = combine([run_calib(model, n, length, args, tools, work) for _ in range(args.repeat)])
         rows[key(r)] = r
         print(f"[{n}x{length}] wall ratio {r['ratio']['wall']:.2f}, RSS ratio {r['ratio']['peak_rss']:.3f}: {verdict(r)}",
               flush=True)
