@@ -28,7 +28,7 @@ KEEP_ALL = {t: "keep" for t in ("text", "token_embeddings", "per_layer_embedding
                                 "altup_laurel", "vision", "audio", "embedders")}
 
 
-def _ctx(folder, out, qtype="Q5_K", importance=None):
+def _ctx(folder, out, qtype="Q6_K", importance=None):
     r = parse_recipe({
         "name": "t", "model": str(folder), "output": "out/t", "towers": {**KEEP_ALL, "text": "int4"},
         "exports": {"gguf": {"mix": "auto", "mmproj": False, "tensor_types": [{"match": [GGUF_TABLE], "type": qtype}]}},
@@ -61,7 +61,7 @@ def plain(tiny_random, tmp_path_factory):
 def test_pieces_encoded_ahead_give_the_writers_file(tiny_random, tmp_path, plain, limit, caplog):
     """The tiny per-layer table (4096 x 6400) is 4 pieces: none, some or all of them encoded
     ahead, the writer copies those and packs the rest, and the file is the plain one; the
-    table is ggml's own Q5_K of the checkpoint's rows."""
+    table is ggml's own Q6_K of the checkpoint's rows."""
     ctx, opts = _ctx(tiny_random, tmp_path)
     pre = PreEncoder(ctx, opts, tmp_path / ".pre")
     assert [t.gguf for t in pre.targets] == [GGUF_TABLE]  # token_embd is one piece: not worth it
@@ -72,7 +72,7 @@ def test_pieces_encoded_ahead_give_the_writers_file(tiny_random, tmp_path, plain
         (path,) = write_gguf(dataclasses.replace(ctx, preencoded=pre), opts)
     assert (f"{done} of 4 pieces encoded" in caplog.text) == (done > 0)
     assert path.read_bytes() == plain.read_bytes()
-    want = _ggml_table(tiny_random, T.Q5_K)
+    want = _ggml_table(tiny_random, T.Q6_K)
     np.testing.assert_array_equal(_table_bytes(path, want), want)
 
 
@@ -90,23 +90,34 @@ def test_the_writer_ignores_what_no_longer_applies(tiny_random, tmp_path):
     assert pre.take(target, ctx.source) is not None
     assert pre.take(target, ctx_imp.source) is None
     (path,) = write_gguf(dataclasses.replace(ctx_imp, preencoded=pre), opts_imp)
-    want = _ggml_table(tiny_random, T.Q5_K, imp.numpy())
+    want = _ggml_table(tiny_random, T.Q6_K, imp.numpy())
     np.testing.assert_array_equal(_table_bytes(path, want), want)
 
-    ctx6, opts6 = _ctx(tiny_random, tmp_path / "c", qtype="Q6_K")
-    (path,) = write_gguf(dataclasses.replace(ctx6, preencoded=pre), opts6)
-    want = _ggml_table(tiny_random, T.Q6_K)
+    ctx3, opts3 = _ctx(tiny_random, tmp_path / "c", qtype="Q3_K")
+    (path,) = write_gguf(dataclasses.replace(ctx3, preencoded=pre), opts3)
+    want = _ggml_table(tiny_random, T.Q3_K)
     np.testing.assert_array_equal(_table_bytes(path, want), want)
 
 
-def _calibrated_recipe(model, out, calibration):
+@pytest.mark.parametrize("qtype, weighted, expected", [
+    ("Q6_K", False, True), ("Q3_K", False, True), ("Q5_K", True, True),
+    ("Q5_K", False, False), ("Q4_K", False, False), ("Q8_0", False, False), ("Q4_0", False, False)])
+def test_only_targets_ggml_encodes_slowly_are_encoded_ahead(tiny_random, tmp_path, qtype, weighted, expected):
+    """The compiled K-quants (Q4_K / Q5_K without importance) and numpy's Q8_0 / Q4_0 are left
+    to the export; ggml's reference K-quants (any with importance) are encoded ahead."""
+    imp = {TABLE: torch.ones(6400)} if weighted else None
+    ctx, opts = _ctx(tiny_random, tmp_path, qtype=qtype, importance=imp)
+    assert [t.gguf for t in PreEncoder(ctx, opts, tmp_path / ".pre").targets] == ([GGUF_TABLE] if expected else [])
+
+
+def _calibrated_recipe(model, out, calibration, qtype="Q6_K"):
     from quantize.recipe import load_recipe
 
     r = load_recipe("recipes/demo.yaml", model=str(model), output=str(out))
     return r.model_validate({**r.model_dump(), "calibration": calibration,
                              "towers": {**r.towers.model_dump(), "text": "int4_gptq", "vision": "keep", "audio": "keep"},
                              "exports": {"gguf": {"mix": "auto", "mmproj": False,
-                                                  "tensor_types": [{"match": [GGUF_TABLE], "type": "Q5_K"}]}}})
+                                                  "tensor_types": [{"match": [GGUF_TABLE], "type": qtype}]}}})
 
 
 CALIBRATION = {"text": {"source": "embedded", "n_samples": 1, "seq_len": 32},
@@ -115,7 +126,7 @@ CALIBRATION = {"text": {"source": "embedded", "n_samples": 1, "seq_len": 32},
 
 def test_a_calibrated_run_encodes_the_table_beside_the_calibration(tiny_trained, tmp_path, monkeypatch):
     """In a calibrated run the pre-encoder works off the main thread at nice 19 (as the kernel
-    reports it), the GGUF's table is ggml's Q5_K of the checkpoint's rows, and its folder is
+    reports it), the GGUF's table is ggml's Q6_K of the checkpoint's rows, and its folder is
     gone from the output and the manifest."""
     from quantize.pipeline import PREENCODE_DIR, run
 
@@ -131,11 +142,26 @@ def test_a_calibrated_run_encodes_the_table_beside_the_calibration(tiny_trained,
     res = run(_calibrated_recipe(tiny_trained, tmp_path / "out", CALIBRATION), progress=False)
     assert seen == [(False, 19)]
     (gguf,) = [p for p in res.artifacts if p.suffix == ".gguf"]
-    want = _ggml_table(tiny_trained, T.Q5_K)
+    want = _ggml_table(tiny_trained, T.Q6_K)
     np.testing.assert_array_equal(_table_bytes(gguf, want), want)
     assert not (res.out_dir / PREENCODE_DIR).exists()
     assert not any(PREENCODE_DIR in f["path"] for f in res.manifest["artifacts"])
     assert not [t for t in threading.enumerate() if t.name.startswith("gguf-preencode")]
+
+
+def test_a_calibrated_run_leaves_a_compiled_table_to_the_export(tiny_trained, tmp_path, monkeypatch):
+    """recipes/int4.yaml's Q5_K table: nothing runs beside the calibration, and the GGUF's table
+    is still ggml's Q5_K of the checkpoint's rows."""
+    from quantize.pipeline import run
+
+    def never(self, stop, limit=None):
+        raise AssertionError("a compiled K-quant target was encoded beside the calibration")
+
+    monkeypatch.setattr(PreEncoder, "encode", never)
+    res = run(_calibrated_recipe(tiny_trained, tmp_path / "out", CALIBRATION, qtype="Q5_K"), progress=False)
+    (gguf,) = [p for p in res.artifacts if p.suffix == ".gguf"]
+    want = _ggml_table(tiny_trained, T.Q5_K)
+    np.testing.assert_array_equal(_table_bytes(gguf, want), want)
 
 
 def test_a_failed_calibration_stops_the_preencoder(tiny_trained, tmp_path, monkeypatch):

@@ -23,6 +23,12 @@ QK_K = 256
 BYTES = {t: GGML_QUANT_SIZES[t][1] for t in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)}  # per super-block of QK_K
 
 
+def compiled(qtype: T, weighted: bool) -> bool:
+    """Whether ``encode_kquant`` encodes ``qtype`` (with importance when ``weighted``) in
+    ``kquant_kernels`` rather than in ggml's reference code, several times slower."""
+    return not weighted and qtype in kquant_kernels.PARAMS
+
+
 def encode_kquant(w: np.ndarray, qtype: T, importance: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """fp32 (rows, cols) with cols % 256 == 0 -> uint8 (rows, cols / 256 * block bytes).
 
@@ -35,6 +41,6 @@ def encode_kquant(w: np.ndarray, qtype: T, importance: np.ndarray | None = None,
         if not (np.isfinite(importance).all() and (importance >= 0).all()):
             raise ValueError("importance must be finite and non-negative (mean squared activations)")
     threads = threads or torch.get_num_threads()
-    if importance is None and qtype in kquant_kernels.PARAMS:
+    if compiled(qtype, importance is not None):
         return kquant_kernels.encode(w, qtype, threads=threads)
     return quantize_rows(w, qtype, importance, threads=threads)
