@@ -1,6 +1,6 @@
-"""K-quant encoding speed: ggml's quantizer (what the GGUF writer calls now) against the numpy
-encoder it replaced (tests/kquant_numpy.py), in ns per value, on a slice of E4B's per-layer
-embedding table shape (262144 rows).
+"""K-quant encoding speed: ggml's quantizer and our compiled Q4_K / Q5_K (what the GGUF writer
+calls now) against the numpy encoder they replaced (tests/kquant_numpy.py), in ns per value, on
+a slice of E4B's per-layer embedding table shape (262144 rows).
 
     python bench/kquant_speed.py                   # 262144 x 256, Q2_K..Q6_K, with and without importance
     python bench/kquant_speed.py --cols 512 --types Q4_K --threads 2
@@ -8,7 +8,9 @@ embedding table shape (262144 rows).
 Weights are seeded Gaussians with uneven row scales and a few outlier columns; importance is a
 heavy-tailed per-column vector (as calibration statistics are). Each row gives CPU ns per value
 (the fair measure on a shared machine) and wall ns per value, the old encoder on one thread (it
-is numpy, single-threaded), ggml on one thread and on ``--threads``; and the importance-weighted
+is numpy, single-threaded), ggml on one thread and on ``--threads``, and, for Q4_K and Q5_K
+without importance, ``kquant_kernels`` (numba) on one thread and on ``--threads``, its bytes
+checked equal to ggml's and its speed given as a ratio to ggml's; and the importance-weighted
 squared error of ggml's blocks relative to the old encoder's (gguf's dequantizer decodes both).
 Results: ``--out``/kquant_speed.json and .md.
 """
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     from gguf import GGMLQuantizationType as T, quants as gq
 
     from bench.results_file import write_results
+    from quantize.formats.gguf import kquant_kernels, kquants
     from quantize.formats.gguf.ggml_quants import quantize_rows
     from tests.kquant_numpy import encode_kquant as numpy_encode
 
@@ -70,6 +73,14 @@ def main(argv=None) -> int:
             newn, wall, cpu = timed(lambda: quantize_rows(w, qtype, imp, threads=args.threads))
             r["ggml_nt"] = {"wall_ns": wall / n * 1e9, "cpu_ns": cpu / n * 1e9}
             assert np.array_equal(new1, newn), f"{name}: ggml's bytes depend on the thread count"
+            if kquants.compiled(qtype, imp is not None):
+                kquant_kernels.encode(w[:64], qtype)  # numba's compile (or cache load) is not timed
+                for key, threads in (("compiled_1t", 1), ("compiled_nt", args.threads)):
+                    got, wall, cpu = timed(lambda: kquant_kernels.encode(w, qtype, threads=threads))
+                    r[key] = {"wall_ns": wall / n * 1e9, "cpu_ns": cpu / n * 1e9}
+                    r[key]["bytes_equal_ggml"] = bool(np.array_equal(got, new1))
+                r["compiled_speedup_cpu_1t"] = r["ggml_1t"]["cpu_ns"] / r["compiled_1t"]["cpu_ns"]
+                r["compiled_speedup_wall_nt"] = r["ggml_nt"]["wall_ns"] / r["compiled_nt"]["wall_ns"]
             if name in OLD_TYPES:
                 old, wall, cpu = timed(lambda: numpy_encode(w, qtype, imp))
                 r["numpy"] = {"wall_ns": wall / n * 1e9, "cpu_ns": cpu / n * 1e9}
@@ -82,22 +93,29 @@ def main(argv=None) -> int:
             print(json.dumps(r), flush=True)
 
     cmd = "python bench/kquant_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = ["# K-quant encoding: ggml (ggml_quantize_chunk) vs the numpy encoder it replaced\n",
+    lines = ["# K-quant encoding: ggml (ggml_quantize_chunk) and the compiled Q4_K / Q5_K vs the numpy encoder\n",
              f"`{cmd.strip()}`: {args.rows} x {args.cols} fp32 weights, {os.cpu_count()} cores, ggml also on "
              f"{args.threads} threads, load average {os.getloadavg()[0]:.1f} at the end, "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}. ns per value; CPU time is the fair measure on a "
              "shared machine. Error: importance-weighted squared error (plain without importance) of ggml's blocks "
-             "over the numpy encoder's; ggml's bytes are llama.cpp's (tests/test_gguf.py).\n",
+             "over the numpy encoder's; ggml's bytes are llama.cpp's (tests/test_gguf.py). Compiled: "
+             "quantize/formats/gguf/kquant_kernels.py (Q4_K / Q5_K without importance, what the writer uses there), "
+             "its bytes compared with ggml's in this run.\n",
              "| type | importance | numpy CPU ns | ggml 1 thread CPU ns | speedup (CPU, 1 thread) | numpy wall ns | "
-             f"ggml {args.threads} threads wall ns | speedup (wall) | error ggml / numpy |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"ggml {args.threads} threads wall ns | speedup (wall) | error ggml / numpy | compiled 1 thread CPU ns | "
+             f"compiled {args.threads} threads wall ns | compiled vs ggml (CPU 1 thread; wall {args.threads} threads) | "
+             "compiled bytes = ggml's |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        old = r.get("numpy")
-        lines.append("| {} | {} | {} | {:.1f} | {} | {} | {:.1f} | {} | {} |".format(
+        old, comp = r.get("numpy"), r.get("compiled_1t")
+        lines.append("| {} | {} | {} | {:.1f} | {} | {} | {:.1f} | {} | {} | {} | {} | {} | {} |".format(
             r["type"], "yes" if r["importance"] else "no", f"{old['cpu_ns']:.1f}" if old else "-", r["ggml_1t"]["cpu_ns"],
             f"{r['speedup_cpu_1t']:.2f}x" if old else "-", f"{old['wall_ns']:.1f}" if old else "-",
             r["ggml_nt"]["wall_ns"], f"{r['speedup_wall_nt']:.2f}x" if old else "-",
-            f"{r['error_ratio']:.4f}" if old else "-"))
+            f"{r['error_ratio']:.4f}" if old else "-",
+            f"{comp['cpu_ns']:.1f}" if comp else "-", f"{r['compiled_nt']['wall_ns']:.1f}" if comp else "-",
+            f"{r['compiled_speedup_cpu_1t']:.2f}x; {r['compiled_speedup_wall_nt']:.2f}x" if comp else "-",
+            ("yes" if comp["bytes_equal_ggml"] and r["compiled_nt"]["bytes_equal_ggml"] else "**NO**") if comp else "-"))
     md = "\n".join(lines) + "\n"
     out = Path(args.out)
     write_results(out, "kquant_speed", {"command": cmd.strip(), "rows": rows}, md)
