@@ -97,6 +97,13 @@ def quantize_rows(w: np.ndarray, qtype: T, importance: np.ndarray | None = None,
         if done != n * row_bytes:
             raise GGMLLibraryError(f"ggml_quantize_chunk wrote {done} bytes for {n} rows of {qtype.name}, expected {n * row_bytes}")
 
+    for_row_chunks(rows, step, threads, run)
+    return out
+
+
+def for_row_chunks(rows: int, step: int, threads: int, run) -> None:
+    """``run(r0)`` for r0 = 0, step, 2 step, ... < rows, on ``threads`` threads (the encoders
+    release the GIL; each chunk writes its own rows of the output)."""
     starts = range(0, rows, step)
     if threads <= 1 or len(starts) == 1:
         for r0 in starts:
@@ -105,4 +112,3 @@ def quantize_rows(w: np.ndarray, qtype: T, importance: np.ndarray | None = None,
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for f in [pool.submit(run, r0) for r0 in starts]:
                 f.result()
-    return out

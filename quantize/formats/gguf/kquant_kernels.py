@@ -30,13 +30,11 @@ Imports: numpy, numba and ``quantize.formats.gguf.ggml_quants`` (that fallback).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from quantize.formats.gguf.ggml_quants import quantize_rows
+from quantize.formats.gguf.ggml_quants import for_row_chunks, quantize_rows
 
 QK_K = 256
 SUB = 32
@@ -306,12 +304,5 @@ def encode(w: np.ndarray, qtype: T, threads: int = 1, lanes: int = LANES) -> np.
             packed[redo] = quantize_rows(x[redo], qtype)
         out[r0:r0 + x.shape[0]] = packed
 
-    starts = range(0, rows, step)
-    if threads <= 1 or len(starts) == 1:
-        for r0 in starts:
-            run(r0)
-    else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for f in [pool.submit(run, r0) for r0 in starts]:
-                f.result()
+    for_row_chunks(rows, step, threads, run)
     return out
