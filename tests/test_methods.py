@@ -641,7 +641,11 @@ def assert_gptq_is_the_textbook_algorithm(w, given, h, act_order, symmetric, gro
         assert got.codes.dtype == exact[0].dtype and got.scales.dtype == exact[1].dtype
         off_new = float((got.codes != exact[0]).float().mean())
         off_f32 = float((f32[0] != exact[0]).float().mean())
-        assert off_new <= max(2 * off_f32, 2e-3), (block, off_new, off_f32)
+        # A rounding tie that falls the other way changes that row's later codes through GPTQ's
+        # feedback, so the count moves in whole rows' tails: on an AVX512 host q_proj's asymmetric
+        # codes from the rows were 0.35% off in 8 rows (1-78 codes each) where the float32
+        # textbook was 0.15% off in 4. Hence a floor of two rows' codes besides float32's own count.
+        assert off_new <= max(2 * off_f32, 2e-3, 2 / w.shape[0]), (block, off_new, off_f32)
         obj = lambda c, s, z: gptq_objective(w, h, c, s, z, group_size)  # noqa: E731
         best = obj(*exact)
         gap_new = abs(obj(got.codes, got.scales, got.zero_points) - best)
