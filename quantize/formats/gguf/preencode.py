@@ -1,13 +1,13 @@
 """Text GGUF tensors encoded while the calibration runs, on one thread at the lowest priority.
 
 The calibration keeps the cores busy with GEMMs but leaves gaps (GPTQ's column loops are
-thousands of small steps on one core). E4B's per-layer table is 262144 x 8960 values; in
-ggml's reference K-quant code (Q6_K, Q3_K, Q2_K, or any K-quant with importance) that is 1-4
-minutes of the export on a 2-core CPU (about 50-120 ns per value per core). Its bytes do not
-depend on the calibration: no statistics are ever collected for the embedding tables
+thousands of small steps on one core). E4B's per-layer table is 262144 x 8960 values; ggml's
+plain Q6_K, Q3_K and Q2_K take about 32, 13 and 62 ns per value per core on an AVX512 EPYC
+(bench/results/kquant_speed.md): up to a minute or more of the export on 2 cores. Its bytes do
+not depend on the calibration: no statistics are ever collected for the embedding tables
 (``PREENCODED_TOWERS``). The compiled Q4_K / Q5_K (``kquant_kernels``, recipes/int4.yaml's
-table) are left to the export: about 15 ns per value per core, they cost the calibration more
-beside it than they save the export (``eligible``).
+table) are left to the export: beside the 35-layer calibration they cost it more than they saved
+the export (``eligible``).
 So ``PreEncoder`` packs such targets during the calibration with the writer's own functions
 (``writer.pieces`` / ``writer.pack_piece``: the same pieces, the same bytes), piece by piece
 into a file each, on a ``quantize.background.LowPriorityTask`` (nice 19: it takes a core mostly
@@ -49,16 +49,16 @@ SLICE_ELEMENTS = 1 << 20
 def eligible(ctx, t: Target) -> bool:
     """Whether ``t``'s bytes are known before the calibration and worth encoding ahead: one
     source in ``PREENCODED_TOWERS``, encoded from its float rows (not our codes, which the
-    writer only packs) by ggml's reference K-quant code, streamed in several pieces. Q8_0 and
-    Q4_0 (numpy) and the compiled K-quants (``kquants.compiled``) are not: beside the
-    calibration they cost it more than they save the export (35 E4B-shaped layers, README)."""
+    writer only packs) by ggml's plain K-quant code, streamed in several pieces. Q8_0 and Q4_0
+    (numpy) and the compiled K-quants (``kquants.compiled``) are not: beside the calibration
+    they cost it more than they save the export (35 E4B-shaped layers, README). Nor is a source
+    with importance: ``take`` never uses such pieces."""
     if len(t.sources) != 1 or t.choice.exact or t.dequantize:
         return False
     src = t.sources[0]
-    if ctx.source.plan[src].tower not in PREENCODED_TOWERS:
+    if ctx.source.plan[src].tower not in PREENCODED_TOWERS or src in ctx.source.importance:
         return False
-    qtype = t.choice.qtype
-    if qtype not in kquants.BYTES or kquants.compiled(qtype, src in ctx.source.importance):
+    if t.choice.qtype not in kquants.BYTES or kquants.compiled(t.choice.qtype, weighted=False):
         return False
     return len(pieces(ctx, t)) > 1
 
