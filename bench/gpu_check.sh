@@ -85,6 +85,9 @@ setup() {
   "$PY" -c "from quantize.compat import check_transformers as c; c()"
   # libggml encodes the K-quants; a library built for another CPU dies here, not in the run.
   "$PY" -c "import numpy as np; from quantize.formats.gguf.ggml_quants import quantize_rows, T; quantize_rows(np.ones((2, 256), np.float32), T.Q5_K); print('libggml ok')"
+  # numba compiles the plain Q4_K / Q5_K encoders; the image's own numba is used (llvmlite's
+  # wheel would not fit the 64 MiB a call carries): its bytes must be ggml's, checked here.
+  "$PY" -c "import numba, numpy as np; from quantize.formats.gguf.kquant_kernels import encode; from quantize.formats.gguf.ggml_quants import quantize_rows, T; w = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32); assert all((encode(w, t, threads=2) == quantize_rows(w, t)).all() for t in (T.Q4_K, T.Q5_K)); print('numba', numba.__version__, 'K-quant kernels ok')"
   "$PY" -c "import torch, transformers, llama_cpp; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count(), 'transformers', transformers.__version__, 'llama_cpp', llama_cpp.__version__)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 }
