@@ -60,7 +60,7 @@ def build_model(flavour: str, layers: int):
 
     folder = cached_tiny(flavour)
     if flavour == "trained" and layers == 25:
-        model = Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        model = Gemma3nForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, use_kernels=False).eval()
         # from_pretrained may leave weights backed by the memory-mapped file, paged in only when
         # first touched; make them resident now so the baseline holds the whole model, as it
         # does for the randomly initialised deeper models.

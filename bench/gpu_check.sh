@@ -16,6 +16,8 @@
 # when set (the device tool returns what is written there), else to bench/results (with
 # GPU_CHECK_DRY=1: $GPU_CHECK_WORK/results), and prints a
 # summary. Each step has its own timeout, cut to what is left of the budget.
+# GPU_CHECK_ONLY=tests runs setup and the tests alone (a rerun after a test fix, when what is left
+# of a device lease would not hold the e2e run too); the report then lists only those steps.
 # GPU_CHECK_DRY=1 checks this script on a CPU: the same steps on a 10-layer synthetic model at
 # 1/16 of E4B's widths, --device cpu, and the test file's CPU tests (the GPU ones skip).
 set -euo pipefail
@@ -24,6 +26,8 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || PY=python
 DRY=${GPU_CHECK_DRY:-0}
+ONLY=${GPU_CHECK_ONLY:-}
+[ -z "$ONLY" ] || [ "$ONLY" = tests ] || { echo "GPU_CHECK_ONLY=$ONLY: the only valid value is 'tests'" >&2; exit 2; }
 BUDGET=${GPU_CHECK_BUDGET:-540}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
 RES_DEFAULT=$ROOT/bench/results
@@ -123,7 +127,9 @@ export -f setup synth tests e2e
 
 step setup 150 bash -c setup
 [ -d "$WORK/site" ] && export PYTHONPATH="$ROOT:$WORK/site${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
-if [ "$(cat "$WORK/steps/setup.rc")" = 0 ]; then
+if [ "$(cat "$WORK/steps/setup.rc")" = 0 ] && [ "$ONLY" = tests ]; then
+  step tests 200 bash -c tests
+elif [ "$(cat "$WORK/steps/setup.rc")" = 0 ]; then
   rm -rf "$WORK/e4b"
   step synth 240 bash -c synth &
   SYNTH_PID=$!
@@ -141,12 +147,12 @@ if [ "$(cat "$WORK/steps/setup.rc")" = 0 ]; then
 fi
 
 # Results: JSON, Markdown and the steps' log tails, under $OUT or bench/results.
-"$PY" - "$WORK/steps" "$RES" "$DRY" "$BUDGET" "$(( $(date +%s) - START ))" "${OUT:+out}" <<'EOF'
+"$PY" - "$WORK/steps" "$RES" "$DRY" "$BUDGET" "$(( $(date +%s) - START ))" "$ONLY" "${OUT:+out}" <<'EOF'
 import json, sys, time, xml.etree.ElementTree as ET
 from pathlib import Path
-steps_dir, res, dry, budget, total, to_out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:] == ["out"]
+steps_dir, res, dry, budget, total, only, to_out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7:] == ["out"]
 steps = {}
-for name in ("setup", "synth", "tests", "e2e", "e2e32"):
+for name in ("setup", "tests") if only == "tests" else ("setup", "synth", "tests", "e2e", "e2e32"):
     rc = steps_dir / f"{name}.rc"
     if name == "e2e32" and not rc.is_file():
         continue  # optional: run only when the budget allowed it
@@ -169,11 +175,11 @@ for xml in sorted(steps_dir.glob("tests-*.xml")):  # junit: the gpu-marked run a
 rows = [json.loads((steps_dir / f).read_text()) for f in ("e2e.json", "e2e32.json") if (steps_dir / f).is_file()]
 e2e = rows[0] if rows else None
 ok = all(v["rc"] == 0 for v in steps.values()) and tests is not None and not tests["failed"]
-report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run_on_cpu": dry, "budget_s": budget,
+report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run_on_cpu": dry, "only": only or None, "budget_s": budget,
           "total_s": total, "all_passed": ok, "tests": tests, "e2e": e2e, "e2e_rows": rows, "steps": steps}
 res.mkdir(parents=True, exist_ok=True)
 (res / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
-md = [f"# GPU check (bench/gpu_check.sh{', GPU_CHECK_DRY=1: on a CPU' if dry else ''})", "",
+md = [f"# GPU check (bench/gpu_check.sh{', GPU_CHECK_DRY=1: on a CPU' if dry else ''}{', GPU_CHECK_ONLY=tests' if only else ''})", "",
       f"{report['date']}; {total} s of a {budget} s budget; {'all steps passed' if ok else 'NOT all steps passed'}.", "",
       "| step | exit | seconds |", "|---|---:|---:|"]
 md += [f"| {k} | {v['rc']} | {v['seconds']} |" for k, v in steps.items()]

@@ -7,7 +7,7 @@
 #   - llama_cpp.tar.gz: this machine's llama-cpp-python package (ctypes bindings and the libggml
 #     it built; PyPI has no Linux wheel and building it takes minutes). Its CPU code may use
 #     this machine's instruction set: gpu_check.sh tries it first and says so if it cannot run.
-# About 20 MiB in all (the device tool carries at most 64 MiB with the working tree).
+# About 30 MiB in all (the device tool carries at most 64 MiB with the working tree).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -17,8 +17,11 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 rm -rf .whl && mkdir .whl
 
 # Missing there (or too old: transformers), with their own missing needs.
+# transformers checks huggingface-hub, tokenizers, safetensors and regex on import (its
+# dependency_versions_check); huggingface-hub >= 2 brings httpx2 (2026-12-04: 1.33 was there).
 PKGS="transformers gguf pydantic pydantic_core annotated-types typing-inspection typing_extensions
-      compressed-tensors loguru datasets dill multiprocess soundfile cffi pycparser diskcache"
+      compressed-tensors loguru datasets dill multiprocess soundfile cffi pycparser diskcache
+      huggingface-hub httpx2 httpcore2 truststore h11 click hf-xet tokenizers safetensors regex"
 pins=()
 for p in $PKGS; do
   v=$($PY -m pip show "$p" 2>/dev/null | sed -n 's/^Version: //p')

@@ -402,7 +402,7 @@ def _convert_pickle(folder: Path) -> Path:
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), use_safetensors=False)
+        model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), use_safetensors=False, use_kernels=False)
         model.save_pretrained(str(tmp), safe_serialization=True)
         try:
             AutoProcessor.from_pretrained(str(folder)).save_pretrained(str(tmp))

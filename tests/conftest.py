@@ -8,6 +8,10 @@ import torch
 
 
 def pytest_configure(config):
+    # transformers >= 5.2x swaps layers for hub kernels on load by default: the references must be
+    # the plain model, and the kernels a network fetch (the GPU image has no `kernels` package and
+    # refused every CUDA load). Children the tests start inherit it.
+    os.environ["USE_HUB_KERNELS"] = "NO"
     # One torch thread: the tiny models' many small ops run faster without the pool's spinning,
     # and far faster when another process shares the 2 cores (see ../shared/gemma3n-notes.md).
     torch.set_num_threads(int(os.environ.get("GEMMA3N_TEST_THREADS", "1")))

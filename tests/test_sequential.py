@@ -325,8 +325,16 @@ def test_cuda_matches_cpu(random_model, fresh):
     for n, qt in gpu.tensors.items():
         if qt.scheme.method == "rtn":
             assert torch.equal(qt.codes, cpu.tensors[n].codes)  # RTN does not depend on activations
+    # GPTQ's codes on this random model are chaotic in its inputs: on the CPU, norms perturbed by
+    # 1e-6 (a few float32 ulps, what another device's arithmetic does) left 57% of some tensors'
+    # codes equal and moved single layers' rel_error by 0.75-1.33x, but the mean over the 12 GPTQ
+    # layers by at most 4.4% (6 seeds, 2026-12-04); GPTQ's rel_error is 0.40-0.63x RTN's there.
+    # (rel=0.25 per layer failed on an H200 on 2026-12-04: 0.0508 against 0.0401.)
     for i in range(25):
-        assert gpu.report[i]["rel_error"] == pytest.approx(cpu.report[i]["rel_error"], rel=0.25, abs=1e-3)
+        assert 0.6 < gpu.report[i]["rel_error"] / cpu.report[i]["rel_error"] < 1.67, i
+    gptq_layers = range(1, 25, 2)
+    mean = {k: sum(r.report[i]["rel_error"] for i in gptq_layers) / len(gptq_layers) for k, r in (("cpu", cpu), ("gpu", gpu))}
+    assert mean["gpu"] == pytest.approx(mean["cpu"], rel=0.1)
 
 
 @pytest.mark.slow
@@ -493,7 +501,7 @@ def test_each_stage_hessian_is_its_inputs_second_moment_in_the_models_forward(ra
         "mlp.down_proj": n_ref + b,
     }
 
-    assert_stage_hessians_are_second_moments(fresh, pristine, layers, res, got, batches)
+    assert_stage_hessians_are_second_moments(fresh, pristine, layers, res, got, batches, across_devices=device == "cuda")
 
 
 def test_a_stages_gptq_linears_with_one_scheme_are_stacked_up_to_the_row_limit(fresh, monkeypatch):
@@ -683,12 +691,20 @@ def test_few_tokens_gptq_reads_input_rows_and_matches_the_dense_hessian(tiny_tra
     assert gptq < 0.1 * rtn, (gptq, rtn)  # measured 8e-4 x: 64 tokens span little of each input space
 
 
-def assert_stage_hessians_are_second_moments(model, pristine, layers, res, got, batches):
+def assert_stage_hessians_are_second_moments(model, pristine, layers, res, got, batches, across_devices=False):
     """Each stage's Hessian of ``layers`` (index -> its linears; layer 1 after layer 0) in ``got``
     (checkpoint name -> float64 Hessian the engine gave GPTQ) is mean x x^T of the linear's input
     in the model's own full forward (transformers'), with the earlier layers and the layer's
     earlier stages replaced by the returned codes (``res.tensors``, dequantized into the
-    model's own dtype)."""
+    model's own dtype).
+
+    ``across_devices``: the engine's forward ran on the GPU and this reference runs on the CPU,
+    two float32 computations of the same inputs. Measured on the CPU (2026-12-04), a float32
+    forward's Hessians differ from a float64 forward's by up to 1.0e-6 of the largest entry for
+    layers 0-1's 256-wide inputs and 2.8e-6 for down_proj's, so two float32 forwards differ by up
+    to twice that; the H200 (2026-12-04) missed 1e-6 by 9% on 2 of 65536 entries near zero. The
+    absolute term is then 6e-6 of the largest entry, a wrong stage input is off by O(1)."""
+    atol = 6e-6 if across_devices else 1e-6
     import quantize.sequential as seq
 
     checked = 0
@@ -715,7 +731,7 @@ def assert_stage_hessians_are_second_moments(model, pristine, layers, res, got, 
             x = torch.cat(xs)
             want = x.T @ x / x.shape[0]
             for p in stage:
-                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+                torch.testing.assert_close(got[text_linear_name(i, p)], want, rtol=1e-4, atol=atol * float(want.abs().max()))
                 checked += 1
             earlier += [text_linear_name(i, p) for p in stage]
     assert checked == sum(len(ms) for ms in layers.values())

@@ -42,7 +42,9 @@ class TransformersBackend:
         if quant == "bitsandbytes" and self.device.type != "cuda":
             log.warning("%s: bitsandbytes artifacts are meant for CUDA; trying the CPU anyway", self.path)
         log.info("loading %s with %s on %s", self.path, cls.__name__, self.device)
-        kwargs = {"dtype": dtype}
+        # use_kernels: transformers >= 5.2x swaps layers for hub kernels by default (a network
+        # fetch, and other arithmetic than the model the artifact was measured against).
+        kwargs = {"dtype": dtype, "use_kernels": False}
         if quant == "bitsandbytes":
             kwargs["device_map"] = {"": self.device}
         self.model = cls.from_pretrained(str(self.path), **kwargs).eval()

@@ -169,7 +169,7 @@ class Prober:
 
         from quantize.fit.streamed_probe import batches_by_length
 
-        self.model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
+        self.model = Gemma3nForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32, use_kernels=False).eval()
         self.params = dict(self.model.named_parameters())
         self.texts = batches_by_length(texts)
         self.base = [self._logp(ids) for ids in self.texts]

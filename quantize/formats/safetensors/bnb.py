@@ -95,7 +95,8 @@ def write_bnb(ctx, options, out: Path) -> list[Path]:
     dtype = _source_dtype(ctx.source.config)
     qconfig = bnb_config(plan, options, dtype)
     log.info("bitsandbytes %s: loading %s through transformers (re-quantizes from the source weights)", options.bnb, src)
-    model = Gemma3nForConditionalGeneration.from_pretrained(str(src), quantization_config=qconfig, dtype=dtype, device_map="cpu")
+    model = Gemma3nForConditionalGeneration.from_pretrained(str(src), quantization_config=qconfig, dtype=dtype, device_map="cpu",
+                                                            use_kernels=False)
     try:
         with atomic_folder(out) as tmp:
             with torch.no_grad():
