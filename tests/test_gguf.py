@@ -393,6 +393,45 @@ def test_interrupted_write_leaves_no_gguf(tiny_random, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["write", "pack"])
+def test_failure_while_a_piece_is_written_leaves_no_gguf(tiny_random, tmp_path, monkeypatch, where):
+    """Pieces are written on an I/O thread while the next is packed: a write that fails there
+    (a full disk), or a packing that fails with a write in flight, fails the run with its own
+    error, waits for the write, and leaves nothing behind."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quantize.formats.gguf import writer
+
+    monkeypatch.setattr(writer, "STREAM_ELEMENTS", 5000)  # the tables in many pieces
+    writes = {"n": 0}
+
+    class FailingIO(ThreadPoolExecutor):
+        def submit(self, fn, *a, **k):
+            def maybe_fail(*a, **k):
+                writes["n"] += 1
+                if where == "write" and writes["n"] == 30:
+                    raise OSError(28, "No space left on device")
+                return fn(*a, **k)
+            return super().submit(maybe_fail, *a, **k)
+
+    real = writer.packed_chunks
+
+    def chunks(ctx, t, resume=None):
+        for i, part in enumerate(real(ctx, t, resume)):
+            if where == "pack" and writes["n"] >= 30 and i > 0:
+                raise ExportError(f"{t.gguf}: packing failed")
+            yield part
+
+    monkeypatch.setattr(writer, "ThreadPoolExecutor", FailingIO)
+    monkeypatch.setattr(writer, "packed_chunks", chunks)
+    towers = {**KEEP_ALL, "per_layer_embeddings": "int8_row", "token_embeddings": "int4"}
+    ctx, opts = make_ctx(tiny_random, tmp_path, "auto", towers=towers, token_embeddings="Q4_0", per_layer_embeddings="Q8_0")
+    with pytest.raises(OSError if where == "write" else ExportError, match="No space left" if where == "write" else "packing failed"):
+        write_gguf(ctx, opts)
+    assert writes["n"] >= 30
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mmproj_refuses_text_width_mtmd_cannot_run(tiny_random, tmp_path):
     ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0", mmproj=True)
     with pytest.raises(ExportError, match="text hidden_size 256 != vision hidden_size 2048"):

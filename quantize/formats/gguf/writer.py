@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,8 +345,8 @@ class _StreamedTensor:
     memory at one piece instead of one tensor. Pieces encoded ahead (``ctx.preencoded``, see
     ``preencode``) are copied from their file; the rest are packed here."""
 
-    def __init__(self, ctx, t: Target):
-        self.ctx, self.t, self.nbytes = ctx, t, t.nbytes
+    def __init__(self, ctx, t: Target, io: ThreadPoolExecutor):
+        self.ctx, self.t, self.nbytes, self.io = ctx, t, t.nbytes, io
 
     def tofile(self, fout) -> None:
         written = 0
@@ -353,9 +354,19 @@ class _StreamedTensor:
         done = pre.take(self.t, self.ctx.source) if pre is not None else None
         if done is not None:
             written += done.copy_to(fout)
-        for part in packed_chunks(self.ctx, self.t, done.resume if done is not None else None):
-            fout.write(np.ascontiguousarray(part).data)
-            written += part.nbytes
+        # Each piece is written on the I/O thread while the next one is packed here (a write
+        # releases the GIL): at most two pieces alive, and the file's bytes in the same order.
+        pending = None
+        try:
+            for part in packed_chunks(self.ctx, self.t, done.resume if done is not None else None):
+                part = np.ascontiguousarray(part)
+                if pending is not None:
+                    pending.result()
+                pending = self.io.submit(fout.write, part.data)
+                written += part.nbytes
+        finally:
+            if pending is not None:
+                pending.result()  # never leave a write in flight (also when packing failed)
         if written != self.nbytes:
             raise ExportError(f"{self.t.gguf}: wrote {written} bytes, the tensor index promised {self.nbytes}")
 
@@ -375,8 +386,9 @@ def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t in tqdm(plan.targets, desc=f"writing {final.name}", unit="tensor", leave=False):
-            w.write_tensor_data(_StreamedTensor(ctx, t))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gguf-write") as io:
+            for t in tqdm(plan.targets, desc=f"writing {final.name}", unit="tensor", leave=False):
+                w.write_tensor_data(_StreamedTensor(ctx, t, io))
         w.close()
         os.replace(tmp, final)
     except BaseException:
