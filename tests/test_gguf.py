@@ -432,6 +432,29 @@ def test_failure_while_a_piece_is_written_leaves_no_gguf(tiny_random, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_written_gguf_sha256_needs_no_read_back_and_a_changed_file_is_read(tiny_random, tmp_path, monkeypatch):
+    """The writer hashes the bytes as it writes them; the manifest's sha256 of that file is
+    then known without reading it, and equals the sum of the bytes on disk. A file changed
+    since (another size or time) is read again."""
+    import builtins
+    import hashlib
+
+    from quantize import manifest
+
+    ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0")
+    (path,) = write_gguf(ctx, opts)
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    got = manifest.sha256_file(path)
+    monkeypatch.undo()
+    assert got == want and str(path) not in opened
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    assert manifest.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest() != want
+
+
 def test_mmproj_refuses_text_width_mtmd_cannot_run(tiny_random, tmp_path):
     ctx, opts = make_ctx(tiny_random, tmp_path, "Q8_0", mmproj=True)
     with pytest.raises(ExportError, match="text hidden_size 256 != vision hidden_size 2048"):

@@ -16,6 +16,7 @@ allow it; 1-D norms as F32): the file loads, and the numbers can never matter.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from quantize.errors import ExportError
 from quantize.formats.gguf import blocks, kquants, mixes
 from quantize.formats.gguf.names import TEXT_RULES, require_name
 from quantize.llamacpp_layout import validate_layout
+from quantize.manifest import remember_sha256
 from quantize.model import glob_match
 from quantize.qtensor import QuantizedTensor
 from quantize.source import computed_method
@@ -371,6 +373,30 @@ class _StreamedTensor:
             raise ExportError(f"{self.t.gguf}: wrote {written} bytes, the tensor index promised {self.nbytes}")
 
 
+class _Sha256File:
+    """The output file, hashing what is written through it (on the I/O thread for the tensor
+    pieces, beside the packing), so the manifest's sha256 needs no second read of the file."""
+
+    def __init__(self, f):
+        self._f, self._h = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self._h.update(b)
+        return self._f.write(b)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
     """Write ``plan`` to ``plan.path`` via a ``.partial`` file; ``add_metadata(writer)`` adds keys."""
     from tqdm import tqdm
@@ -383,6 +409,10 @@ def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
         add_metadata(w)
         for t in plan.targets:
             w.add_tensor_info(t.gguf, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.choice.qtype)
+        w.open_output_file(tmp)
+        (fout,) = w.fout  # one file: no split options are set
+        hashed = _Sha256File(fout)
+        w.fout = [hashed]  # every byte, the header's too, passes through it
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -391,6 +421,7 @@ def write_plan(ctx, plan: GGUFPlan, add_metadata) -> Path:
                 w.write_tensor_data(_StreamedTensor(ctx, t, io))
         w.close()
         os.replace(tmp, final)
+        remember_sha256(final, hashed.hexdigest())
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
