@@ -2,7 +2,7 @@
 
 They are the embedded default model (``builtin:tiny-trained``) and the test fixtures. The text
 config keeps every value llama.cpp hard-codes for Gemma 3n (see ``LLAMACPP_HARDCODED`` in
-``quantize.llamacpp_layout``): 25 layers, KV shared from layer 20, 4 sliding + 1 full, activation
+``quantize.llamacpp_layout``): 25 layers by default (``num_hidden_layers``; E4B has 35), KV shared from layer 20, 4 sliding + 1 full, activation
 sparsity 0.95 on layers 0-9, AltUp 4, LAuReL rank 64, per-layer width 256. Only the widths and
 the vocabulary are small.
 
@@ -56,6 +56,9 @@ CHAT_TEMPLATE = (
 )
 
 
+KEY_NEUTRAL_DEFAULTS = {"num_hidden_layers": 25}
+
+
 @dataclass(frozen=True)
 class TinySpec:
     """Everything that determines a tiny model's files."""
@@ -67,6 +70,9 @@ class TinySpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 64
+    # 25: the fewest layers that keep llama.cpp's hard-coded KV sharing from layer 20 (E2B has
+    # 30, E4B 35); the layers from 20 on are KV consumers.
+    num_hidden_layers: int = 25
     vision_channel_multiplier: float = 0.25
     audio_hidden_size: int = 128
     audio_layers: int = 2
@@ -82,9 +88,14 @@ class TinySpec:
         import torch
         import transformers
 
+        spec = asdict(self)
+        # Fields added after models were cached leave the key of a default-valued spec as it was.
+        for field, default in KEY_NEUTRAL_DEFAULTS.items():
+            if spec[field] == default:
+                del spec[field]
         payload = json.dumps(
             {
-                "spec": asdict(self),
+                "spec": spec,
                 "builder": BUILDER_VERSION,
                 "corpus": embedded_text.corpus_hash(),
                 "torch": torch.__version__.split("+")[0],
@@ -102,7 +113,10 @@ def default_cache_dir() -> Path:
 
 def text_config_kwargs(spec: TinySpec) -> dict:
     """Gemma3nTextConfig arguments: tiny widths, llama.cpp's hard-coded structure."""
-    n_layers = 25
+    n_layers = spec.num_hidden_layers
+    if n_layers <= 20:
+        raise ValueError(f"num_hidden_layers {n_layers}: llama.cpp's Gemma 3n shares KV from layer 20, so a tiny "
+                         "model needs at least 21 layers")
     return dict(
         vocab_size=TEXT_VOCAB + 2 * MM_SLOTS,
         vocab_size_per_layer_input=TEXT_VOCAB,
@@ -112,7 +126,7 @@ def text_config_kwargs(spec: TinySpec) -> dict:
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.head_dim,
-        num_kv_shared_layers=5,
+        num_kv_shared_layers=n_layers - 20,
         layer_types=["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(n_layers)],
         activation_sparsity_pattern=[0.95] * 10 + [0.0] * (n_layers - 10),
         altup_num_inputs=4,

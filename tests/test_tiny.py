@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 
+import pytest
 import torch
 
 # What llama.cpp's src/models/gemma3n.cpp and llama-hparams.h hard-code for Gemma 3n
@@ -101,3 +102,33 @@ def test_trained_model_has_meaningful_perplexity(tiny_trained, tiny_random):
     vocab = _text_config(tiny_trained)["vocab_size"]
     # held-out text (eval split, never trained on): far below the random model and uniform
     assert trained < random / 5 and trained < vocab / 8, (trained, random)
+
+
+def test_depth_field_keeps_llamacpp_layout_and_old_cache_keys():
+    """A 35-layer spec (E4B's depth) builds a config llama.cpp's layout check accepts, with the
+    KV consumers where transformers puts them; the default spec's cache key is the one computed
+    before the field existed (payload built by hand without it), so cached models stay valid."""
+    import json
+    from dataclasses import asdict
+
+    import transformers
+    from transformers import Gemma3nTextConfig
+
+    from calibrate import embedded_text
+    from quantize.llamacpp_layout import check_layout
+    from quantize.tiny import BUILDER_VERSION, TinySpec, text_config_kwargs
+
+    cfg = Gemma3nTextConfig(**text_config_kwargs(TinySpec(num_hidden_layers=35)))
+    assert cfg.num_hidden_layers == 35 and cfg.num_kv_shared_layers == 15
+    assert check_layout(cfg.to_dict()) == []
+    with pytest.raises(ValueError, match="num_hidden_layers 20"):
+        text_config_kwargs(TinySpec(num_hidden_layers=20))
+
+    spec = TinySpec(flavour="trained")
+    old = asdict(spec)
+    del old["num_hidden_layers"]
+    payload = json.dumps({"spec": old, "builder": BUILDER_VERSION, "corpus": embedded_text.corpus_hash(),
+                          "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__},
+                         sort_keys=True)
+    assert spec.cache_key() == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert TinySpec(flavour="trained", num_hidden_layers=35).cache_key() != spec.cache_key()
